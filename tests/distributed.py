@@ -19,12 +19,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
-                    timeout_s: float = 120.0) -> None:
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0
+) -> None:
     """Run fn(rank, world_size, *args) on world_size gloo ranks; re-raise the first failure."""
     port = free_port()
-    ctx = mp.start_processes(_entry, args=(fn, world_size, port, args), nprocs=world_size,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _entry,
+        args=(fn, world_size, port, args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
@@ -38,8 +44,13 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
     torch.set_num_threads(1)  # 4 ranks on 2 cores: no oversubscription
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         fn(rank, world_size, *args)
     finally:

@@ -21,7 +21,7 @@ _MODEL_TYPES = {
 class ModelConfig:
     """Shapes and hyper-parameters of a decoder-only transformer.
 
-    `mlp="gelu"` (a 4h GELU MLP without gate, Megatron's GPT) exists for the planner only; the reference
+    `mlp="gelu"` (a 4h GELU MLP, Megatron's GPT) exists for the planner only; the reference
     model implements the Llama family (`mlp="swiglu"`).
     """
 
@@ -45,24 +45,34 @@ class ModelConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+                f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})"
+            )
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size}) "
-                "unless head_dim is given")
+                "unless head_dim is given"
+            )
         if self.head_dim is not None and self.head_dim <= 0:
             raise ValueError(f"head_dim ({self.head_dim}) must be positive")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"architecture ({self.architecture!r}) is not supported; expected one of "
-                f"{', '.join(ARCHITECTURES)}")
+                f"{', '.join(ARCHITECTURES)}"
+            )
         if self.mlp not in ("swiglu", "gelu"):
             raise ValueError(f"mlp ({self.mlp!r}) must be 'swiglu' or 'gelu'")
         if self.rope_theta <= 0:
@@ -108,14 +118,18 @@ class ModelConfig:
         if arch not in ARCHITECTURES:
             raise ValueError(
                 f"architecture {arch!r} in config.json is not supported; expected one of "
-                f"{', '.join(ARCHITECTURES)}")
+                f"{', '.join(ARCHITECTURES)}"
+            )
         rope_scaling = hf.get("rope_scaling")
-        if rope_scaling not in (None, {}) and rope_scaling.get("rope_type", rope_scaling.get(
-                "type")) not in (None, "default"):
+        if rope_scaling not in (None, {}) and rope_scaling.get(
+            "rope_type", rope_scaling.get("type")
+        ) not in (None, "default"):
             raise ValueError(f"rope_scaling ({rope_scaling!r}) is not supported")
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"hidden_act ({act!r}) is not supported; Llama-family models use 'silu'")
+            raise ValueError(
+                f"hidden_act ({act!r}) is not supported; Llama-family models use 'silu'"
+            )
         num_heads = hf["num_attention_heads"]
         rope_theta = hf.get("rope_theta")
         if rope_theta is None:
@@ -213,32 +227,86 @@ def _arch_from_model_type(model_type: str | None) -> str | None:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
-        vocab_size=512, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4,
-        num_kv_heads=2, max_position_embeddings=2048, bos_token_id=256, eos_token_id=257),
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=344,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=256,
+        eos_token_id=257,
+    ),
     "bench-32m": ModelConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
-        num_kv_heads=4, max_position_embeddings=2048, bos_token_id=256, eos_token_id=257),
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=256,
+        eos_token_id=257,
+    ),
     # configuration-only presets of real models, for the planner
     "llama-3-8b": ModelConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-        num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=8192, bos_token_id=128000,
-        eos_token_id=128001),
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     "llama-3-70b": ModelConfig(
-        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
-        num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=8192, bos_token_id=128000,
-        eos_token_id=128001),
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     "llama-3-405b": ModelConfig(
-        vocab_size=128256, hidden_size=16384, intermediate_size=53248, num_layers=126,
-        num_heads=128, num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=8192,
-        bos_token_id=128000, eos_token_id=128001),
+        vocab_size=128256,
+        hidden_size=16384,
+        intermediate_size=53248,
+        num_layers=126,
+        num_heads=128,
+        num_kv_heads=8,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     # GPT-3 175B (Brown et al. 2020): h=12288, 96 layers, 96 heads, 4h GELU MLP, seq 2048
     "gpt3-175b": ModelConfig(
-        vocab_size=51200, hidden_size=12288, intermediate_size=4 * 12288, num_layers=96,
-        num_heads=96, num_kv_heads=96, max_position_embeddings=2048, mlp="gelu"),
+        vocab_size=51200,
+        hidden_size=12288,
+        intermediate_size=4 * 12288,
+        num_layers=96,
+        num_heads=96,
+        num_kv_heads=96,
+        max_position_embeddings=2048,
+        mlp="gelu",
+    ),
     # Megatron-LM's 1T model (Narayanan et al. 2021, Table 1)
     "megatron-1t": ModelConfig(
-        vocab_size=51200, hidden_size=25600, intermediate_size=4 * 25600, num_layers=128,
-        num_heads=160, num_kv_heads=160, max_position_embeddings=2048, mlp="gelu"),
+        vocab_size=51200,
+        hidden_size=25600,
+        intermediate_size=4 * 25600,
+        num_layers=128,
+        num_heads=160,
+        num_kv_heads=160,
+        max_position_embeddings=2048,
+        mlp="gelu",
+    ),
 }
 
 

@@ -47,7 +47,9 @@ class RotaryEmbedding(nn.Module):
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
         return 1.0 / (self.theta ** (exponent / self.head_dim))
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._compute_inv_freq(positions.device)
         freqs = positions[..., None].float() * self._inv_freq  # [B, T, D/2]
@@ -66,8 +68,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     sliding_window: int | None = None) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None = None
+) -> torch.Tensor:
     """Plain causal attention over whole sequences, one per batch row: [B,T,H,D] -> [B,T,H,D]."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     T = q.shape[2]
@@ -99,8 +102,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, config.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.q_size, h, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionFn | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn | None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)
@@ -133,8 +137,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionFn | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn | None = None
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -149,8 +154,9 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.dim_per_head, config.rope_theta)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionFn | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn | None = None
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)
         for layer in self.layers:
@@ -171,11 +177,16 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                attn: AttentionFn | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn: AttentionFn | None = None,
+    ) -> torch.Tensor:
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(
-                input_ids)
+                input_ids
+            )
         return self.compute_logits(self.model(input_ids, positions, attn))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -196,8 +207,12 @@ class LlamaForCausalLM(nn.Module):
 
 
 @torch.no_grad()
-def generate_greedy(model: LlamaForCausalLM, prompt_ids: list[int], max_new_tokens: int,
-                    eos_token_id: int | None = None) -> list[int]:
+def generate_greedy(
+    model: LlamaForCausalLM,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+) -> list[int]:
     """The plain no-cache greedy loop: re-run the whole sequence for each new token.
 
     This is the reference the engine is tested against, so it stays deliberately simple.

@@ -28,8 +28,9 @@ def model_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model(model: LlamaForCausalLM, out_dir: str | Path, *,
-               max_shard_bytes: int | None = None) -> None:
+def save_model(
+    model: LlamaForCausalLM, out_dir: str | Path, *, max_shard_bytes: int | None = None
+) -> None:
     """Write config.json and the weights; with max_shard_bytes, shards plus an index file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,8 +72,9 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def load_state_dict(model_dir: str | Path, expected: dict[str, torch.Size],
-                    *, tied: bool = False) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    model_dir: str | Path, expected: dict[str, torch.Size], *, tied: bool = False
+) -> dict[str, torch.Tensor]:
     """Read exactly the expected keys with the expected shapes, or raise naming what differs."""
     model_dir = Path(model_dir)
     files = _weight_files(model_dir)
@@ -80,8 +82,10 @@ def load_state_dict(model_dir: str | Path, expected: dict[str, torch.Size],
     present = set(files) - ({_TIED_KEY} if tied else set())
     missing, unexpected = sorted(wanted - present), sorted(present - wanted)
     if missing or unexpected:
-        raise ValueError(f"weights in {model_dir} do not match the model: "
-                         f"missing keys {missing}, unexpected keys {unexpected}")
+        raise ValueError(
+            f"weights in {model_dir} do not match the model: "
+            f"missing keys {missing}, unexpected keys {unexpected}"
+        )
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for key in sorted(wanted):
@@ -91,14 +95,17 @@ def load_state_dict(model_dir: str | Path, expected: dict[str, torch.Size],
             for key in keys:
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(expected[key]):
-                    raise ValueError(f"tensor {key} in {path.name} has shape {list(shape)}, "
-                                     f"the model expects {list(expected[key])}")
+                    raise ValueError(
+                        f"tensor {key} in {path.name} has shape {list(shape)}, "
+                        f"the model expects {list(expected[key])}"
+                    )
                 state[key] = f.get_tensor(key)
     return state
 
 
-def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[LlamaForCausalLM, ModelConfig]:
+def load_model(
+    model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Build the model for model_dir/config.json and load its safetensors weights."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
