@@ -1,0 +1,222 @@
+"""Paged attention (Kwon et al. 2023, "Efficient Memory Management for LLM Serving with
+PagedAttention").
+
+K/V of every sequence live in fixed-size blocks of one shared pool; a block table maps a sequence's
+logical blocks to pool blocks. `paged_attention_ref` is the plain-torch reference (CPU and GPU); the
+fast paths (C++/OpenMP on CPU, Triton on CUDA) keep its signature and are tested against it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Per-step inputs of paged attention for a mixed prefill/decode batch.
+
+    The queries of sequence s are its LAST (qsl[s+1] - qsl[s]) positions out of seq_lens[s]; query i
+    at absolute position p attends causally to positions 0..p (its own K/V is written first).
+    """
+
+    slot_mapping: torch.Tensor  # [N] int64: block_id * block_size + offset of each new token
+    block_tables: torch.Tensor  # [S, max_blocks_per_seq] int32, rows padded with 0
+    query_start_loc: torch.Tensor  # [S+1] int32: cumulative new-token counts
+    seq_lens: torch.Tensor  # [S] int32: context length after this step (cached + new)
+    max_query_len: int  # python ints: kernels pick the decode-only path without a device sync
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+def _to_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype ({dtype!r}) must be one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class KVCache:
+    """Owns the paged K/V tensors of all layers.
+
+    One tensor [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]: for a layer, K
+    (index 0) and V (index 1) are contiguous pools in which one kv head's block is a contiguous
+    [block_size, head_dim] tile, so a kernel walking a sequence's blocks for one head streams.
+    Slot s of the pool is (block s // block_size, offset s % block_size).
+    """
+
+    def __init__(self, kv: torch.Tensor) -> None:
+        assert kv.dim() == 6 and kv.shape[1] == 2
+        self.kv = kv
+        self.num_layers, _, self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim = (
+            kv.shape
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype | str
+    ) -> int:
+        """Bytes one block costs across all layers (K and V)."""
+        itemsize = torch.empty((), dtype=_to_dtype(dtype)).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+    @classmethod
+    def allocate(
+        cls,
+        *,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype | str,
+        device: torch.device | str,
+    ) -> KVCache:
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} ({value!r}) must be a positive int")
+        shape = (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim)
+        # zeros, not empty: padded block-table entries point at block 0; keep it finite
+        return cls(torch.zeros(shape, dtype=_to_dtype(dtype), device=device))
+
+    def key_cache(self, layer_idx: int) -> torch.Tensor:
+        """[num_blocks, num_kv_heads, block_size, head_dim], a view."""
+        return self.kv[layer_idx, 0]
+
+    def value_cache(self, layer_idx: int) -> torch.Tensor:
+        return self.kv[layer_idx, 1]
+
+
+def write_kv_ref(
+    kv_cache: KVCache, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Plain-torch K/V write: token i goes to slot slot_mapping[i] of layer layer_idx."""
+    bs = kv_cache.block_size
+    block_ids = torch.div(slot_mapping, bs, rounding_mode="floor")
+    offsets = slot_mapping - block_ids * bs
+    # the two advanced indices are split by a slice, so the indexed shape is [N, Hkv, D]
+    kv_cache.key_cache(layer_idx)[block_ids, :, offsets] = k.to(kv_cache.dtype)
+    kv_cache.value_cache(layer_idx)[block_ids, :, offsets] = v.to(kv_cache.dtype)
+
+
+def write_kv(
+    kv_cache: KVCache, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write the new tokens' K/V ([N, Hkv, D]) at slot_mapping ([N] int64) of layer layer_idx."""
+    if k.shape[0] == 0:
+        return
+    write_kv_ref(kv_cache, layer_idx, k, v, slot_mapping)
+
+
+def _gather_sequence(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[num_blocks, Hkv, bs, D] pool + a sequence's block ids -> its [Hkv, seq_len, D] K or V."""
+    blocks = cache[block_ids]  # [nb, Hkv, bs, D]
+    Hkv, D = blocks.shape[1], blocks.shape[3]
+    return blocks.transpose(0, 1).reshape(Hkv, -1, D)[:, :seq_len]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    kv_cache: KVCache,
+    layer_idx: int,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Reference paged attention: q [N, H, D] -> [N, H, D], one SDPA call per sequence.
+
+    Computes in fp32 whatever the cache dtype, so it is also the reference for bf16/fp16 caches.
+    """
+    N, H, D = q.shape
+    out = torch.empty_like(q)
+    k_pool, v_pool = kv_cache.key_cache(layer_idx), kv_cache.value_cache(layer_idx)
+    group = H // kv_cache.num_kv_heads
+    bs = kv_cache.block_size
+    qsl = meta.query_start_loc.tolist()
+    seq_lens = meta.seq_lens.tolist()
+    for s, seq_len in enumerate(seq_lens):
+        q_start, q_end = qsl[s], qsl[s + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        num_blocks = -(-seq_len // bs)
+        block_ids = meta.block_tables[s, :num_blocks].long()
+        k = _gather_sequence(k_pool, block_ids, seq_len).float()
+        v = _gather_sequence(v_pool, block_ids, seq_len).float()
+        k = k.repeat_interleave(group, dim=0)  # GQA: q head h reads kv head h // group
+        v = v.repeat_interleave(group, dim=0)
+        qs = q[q_start:q_end].transpose(0, 1).float()  # [H, q_len, D]
+        mask = None
+        if q_len > 1:
+            # query i sits at absolute position seq_len - q_len + i and sees keys 0..that position
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            k_pos = torch.arange(seq_len, device=q.device)
+            mask = k_pos[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
+        out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: KVCache,
+    layer_idx: int,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Paged attention on the fastest available path; same contract as `paged_attention_ref`."""
+    return paged_attention_ref(q, kv_cache, layer_idx, meta, scale)
+
+
+class PagedAttention:
+    """The `attn` callable the model takes for one engine step.
+
+    PagedAttention(kv_cache, meta, scale)(layer_idx, q [1,N,H,D], k [1,N,Hkv,D], v [1,N,Hkv,D])
+    writes k/v at meta.slot_mapping of layer layer_idx, then attends: -> [1, N, H, D].
+    """
+
+    def __init__(self, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> None:
+        self.kv_cache = kv_cache
+        self.meta = meta
+        self.scale = scale
+
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        if q.shape[0] != 1:
+            raise ValueError(f"q batch dim ({q.shape[0]}) must be 1: the engine packs tokens in T")
+        write_kv(self.kv_cache, layer_idx, k[0], v[0], self.meta.slot_mapping)
+        out = paged_attention(q[0], self.kv_cache, layer_idx, self.meta, self.scale)
+        return out.unsqueeze(0)
