@@ -1,4 +1,4 @@
-"""run_distributed: run a module-level function on several gloo ranks, failing (never hanging) on error."""
+"""run_distributed: run a module-level function on gloo ranks; fail, never hang, on error."""
 
 from __future__ import annotations
 

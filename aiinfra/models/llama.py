@@ -1,8 +1,8 @@
 """The single-process reference transformer for the Llama family (Llama, Mistral, Qwen2).
 
-Module names equal Hugging Face's (`model.layers.0.self_attn.q_proj`), so a state dict is an HF checkpoint.
-Positions are explicit and attention is pluggable: the engine passes a paged-KV `attn` callable, pipeline
-stages run `layers` slices; with `attn=None` each row of the batch is one causal sequence.
+Module names equal Hugging Face's (`model.layers.0.self_attn.q_proj`): a state dict is an HF
+checkpoint. Positions are explicit and attention is pluggable: the engine passes a paged-KV `attn`
+callable, pipeline stages run `layers` slices; with `attn=None` each batch row is one sequence.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE (Su et al. 2021) in the rotate-half layout HF Llama uses; cos/sin from explicit positions."""
+    """RoPE (Su et al. 2021) in HF Llama's rotate-half layout; cos/sin from explicit positions."""
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -77,7 +77,7 @@ def causal_attention(
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if sliding_window is not None and T > sliding_window:
+    if sliding_window is not None and sliding_window < T:
         i = torch.arange(T, device=q.device)
         dist = i[:, None] - i[None, :]
         mask = (dist >= 0) & (dist < sliding_window)

@@ -1,7 +1,7 @@
 """Tokenizers: the byte tokenizer our own models use, and HF `tokenizer.json` through `tokenizers`.
 
-The byte tokenizer is saved as a real `tokenizer.json` (byte-level BPE with no merges, id = byte value), so
-HF's AutoTokenizer and `HFTokenizer` read our model folders and give the same ids as `ByteTokenizer`.
+The byte tokenizer is saved as a real `tokenizer.json` (byte-level BPE with no merges, id = byte
+value), so HF's AutoTokenizer and `HFTokenizer` read our folders with the ids of `ByteTokenizer`.
 """
 
 from __future__ import annotations
@@ -33,15 +33,18 @@ class TokenizerLike(Protocol):
 class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; then <|bos|> 256, <|eos|> 257, <|pad|> 258."""
 
+    BOS_ID = 256
+    EOS_ID = 257
+
     def __init__(self) -> None:
-        self.bos_token_id = 256
-        self.eos_token_id = 257
-        self.pad_token_id = 258
+        self.bos_token_id: int | None = self.BOS_ID
+        self.eos_token_id: int | None = self.EOS_ID
+        self.pad_token_id = self.BOS_ID + 2
         self.vocab_size = 256 + len(BYTE_SPECIAL_TOKENS)
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
-        return [self.bos_token_id, *ids] if add_bos else ids
+        return [self.BOS_ID, *ids] if add_bos else ids
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         out = bytearray()
@@ -96,7 +99,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 class HFTokenizer:
-    """A `tokenizer.json` (any HF fast tokenizer) with the special ids from tokenizer_config.json."""
+    """A `tokenizer.json` (any HF fast tokenizer) with special ids from tokenizer_config.json."""
 
     def __init__(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)

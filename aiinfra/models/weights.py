@@ -1,4 +1,4 @@
-"""Safetensors load/save in Hugging Face key layout (Llama, Mistral, Qwen2), single or sharded files.
+"""Safetensors load/save in Hugging Face key layout (Llama, Mistral, Qwen2), single or sharded.
 
 Loading checks every key and shape before any tensor is assigned: nothing is half-loaded.
 """
