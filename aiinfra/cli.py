@@ -246,6 +246,237 @@ def _parse_range(flag: str, text: str) -> tuple[int, int]:
 
 # --- plan (owner: cluster) ------------------------------------------------------------------------
 
+_ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Preset (e.g. llama-3-70b) or HF config.json.")
+]
+_IntOpt = Annotated[int | None, typer.Option()]
+
+
+def _plan_model(model, hidden, layers, heads, kv_heads, vocab, ffn_hidden, mlp):  # type: ignore[no-untyped-def]
+    from aiinfra.cluster.report import resolve_model
+
+    return resolve_model(
+        model, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab,
+        ffn_hidden=ffn_hidden, mlp=mlp,
+    )  # fmt: skip
+
+
+def _write_json(json_path: Path | None, data: object) -> None:
+    import json
+
+    if json_path is None:
+        return
+    text = json.dumps(data, indent=2)
+    if str(json_path) == "-":
+        typer.echo(text)
+    else:
+        json_path.write_text(text)
+
+
+@plan_app.command("train")
+def plan_train(
+    model: _ModelOpt = None,
+    hidden: Annotated[int | None, typer.Option(help="Custom shape: hidden size.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Custom shape: layers.")] = None,
+    heads: Annotated[int | None, typer.Option(help="Custom shape: attention heads.")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="Custom shape: KV heads.")] = None,
+    vocab: Annotated[int | None, typer.Option(help="Custom shape: vocabulary.")] = None,
+    ffn_hidden: Annotated[int | None, typer.Option(help="Custom shape: MLP width.")] = None,
+    mlp: Annotated[str | None, typer.Option(help="Custom shape: gelu | swiglu.")] = None,
+    gpu: Annotated[str, typer.Option(help="GPU (a100, h100, ...) or node type.")] = "h100",
+    num_gpus: Annotated[int, typer.Option(help="GPUs in the cluster.")] = 8,
+    hardware: Annotated[Path | None, typer.Option(help="TOML/JSON of extra hardware.")] = None,
+    fabric: Annotated[str, typer.Option(help="rail-optimized | fat-tree.")] = "rail-optimized",
+    oversubscription: Annotated[float, typer.Option(help="Leaf down:up ratio.")] = 1.0,
+    tp: _IntOpt = None,
+    pp: _IntOpt = None,
+    dp: _IntOpt = None,
+    zero: Annotated[int | None, typer.Option(help="ZeRO stage 0..3.")] = None,
+    micro_batch: _IntOpt = None,
+    global_batch: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 4096,
+    recompute: Annotated[str | None, typer.Option(help="none | selective | full.")] = None,
+    interleave: Annotated[int | None, typer.Option(help="Virtual pipeline stages.")] = None,
+    flash_attention: Annotated[bool, typer.Option(help="Fused attention kernels.")] = True,
+    tokens: Annotated[float, typer.Option(help="Tokens to train on (time to train).")] = 1e12,
+    top: Annotated[int, typer.Option(help="Layouts to show.")] = 10,
+    plot: Annotated[Path | None, typer.Option(help="Layout comparison (PNG).")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write JSON ('-' for stdout).")
+    ] = None,
+) -> None:
+    """Memory, step time and MFU of a training layout; searches layouts unless one is fixed."""
+    from aiinfra.cluster.report import plans_table, print_table, resolve_cluster
+    from aiinfra.cluster.search import search
+    from aiinfra.cluster.training import EstimateOptions, estimate
+    from aiinfra.parallel.config import ParallelConfig
+
+    try:
+        cfg = _plan_model(model, hidden, layers, heads, kv_heads, vocab, ffn_hidden, mlp)
+        cluster = resolve_cluster(
+            gpu, num_gpus, hardware=hardware, fabric=fabric, oversubscription=oversubscription
+        )
+        options = EstimateOptions(flash_attention=flash_attention)
+        batch = global_batch or max(1, 4 * 2**20 // seq_len)  # ~4M tokens per step by default
+        fixed = (tp, pp, dp, zero, micro_batch, recompute, interleave)
+        if any(x is not None for x in fixed):
+            t, p = tp or 1, pp or 1
+            layout = ParallelConfig(
+                tp=t, pp=p, dp=dp or max(1, num_gpus // (t * p)), zero_stage=zero or 0,
+                micro_batch_size=micro_batch or 1, global_batch_size=batch, seq_len=seq_len,
+                recompute=recompute or "none", interleave=interleave or 1,  # type: ignore[arg-type]
+                sequence_parallel=t > 1,
+            )  # fmt: skip
+            plans = [estimate(cfg, layout, cluster, options)]
+            explanation = "" if plans[0].fits else "this layout does not fit in memory"
+            considered = 1
+        else:
+            result = search(cfg, cluster, batch, seq_len, options)
+            plans, explanation, considered = result.plans, result.explanation, result.num_considered
+    except ValueError as e:
+        _fail(str(e))
+    title = f"{num_gpus}x {cluster.node.gpu.name}, {considered} layout(s) considered"
+    print_table(plans_table(plans[:top], title))
+    if explanation:
+        typer.echo(explanation)
+    if plans:
+        best = plans[0]
+        typer.echo(
+            f"time to train on {tokens:.3g} tokens: {best.days_to_train(tokens):.1f} days; "
+            f"checkpoint write {best.checkpoint_write_s:.0f} s; a DPU would free "
+            f"{100 * best.host_cpu.dpu_freed_share:.1f}% of the host CPU"
+        )
+    if plot is not None and plans:
+        from aiinfra.cluster.plots import plot_layouts
+
+        plot_layouts(plans, plot, top=top)
+    best_dict = plans[0].as_dict() if plans else None
+    if best_dict is not None:
+        best_dict["days_to_train"] = plans[0].days_to_train(tokens)
+    _write_json(
+        json_path,
+        {"best": best_dict, "explanation": explanation,
+         "layouts": [p.as_dict() for p in plans[:top]]},
+    )  # fmt: skip
+
+
+@plan_app.command("infer")
+def plan_infer(
+    model: _ModelOpt = None,
+    hidden: _IntOpt = None,
+    layers: _IntOpt = None,
+    heads: _IntOpt = None,
+    kv_heads: _IntOpt = None,
+    vocab: _IntOpt = None,
+    ffn_hidden: _IntOpt = None,
+    mlp: Annotated[str | None, typer.Option(help="gelu | swiglu.")] = None,
+    gpu: Annotated[str, typer.Option(help="GPU or node type.")] = "h100",
+    tp: Annotated[int, typer.Option(help="GPUs per replica.")] = 1,
+    prompt_len: Annotated[int, typer.Option(help="Input tokens per request.")] = 1024,
+    output_len: Annotated[int, typer.Option(help="Output tokens per request.")] = 256,
+    rate: Annotated[float, typer.Option(help="Target requests/s.")] = 10.0,
+    ttft_ms: Annotated[float, typer.Option(help="Time-to-first-token target.")] = 1000.0,
+    tpot_ms: Annotated[float, typer.Option(help="Time-per-output-token target.")] = 50.0,
+    fp8: Annotated[bool, typer.Option(help="fp8 weights and KV cache.")] = False,
+    hardware: Annotated[Path | None, typer.Option(help="TOML/JSON of extra hardware.")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write JSON ('-' for stdout).")
+    ] = None,
+) -> None:
+    """KV capacity, prefill/decode roofline, tokens/s per replica and replicas for a load."""
+    from aiinfra.cluster.inference import ServingConfig, plan_serving
+    from aiinfra.cluster.report import resolve_cluster
+
+    try:
+        cfg = _plan_model(model, hidden, layers, heads, kv_heads, vocab, ffn_hidden, mlp)
+        cluster = resolve_cluster(gpu, None, hardware=hardware)
+        nbytes = 1.0 if fp8 else 2.0
+        serving = ServingConfig(
+            tp=tp, prompt_len=prompt_len, output_len=output_len, request_rate=rate,
+            ttft_s=ttft_ms / 1e3, tpot_s=tpot_ms / 1e3, weight_bytes=nbytes, kv_bytes=nbytes,
+        )  # fmt: skip
+        plan = plan_serving(cfg, cluster, serving)
+    except ValueError as e:
+        _fail(str(e))
+    d = plan.as_dict()
+    for key, value in d.items():
+        shown = f"{value:,.4g}" if isinstance(value, float) else value
+        typer.echo(f"{key:>22}: {shown}")
+    _write_json(json_path, d)
+
+
+@plan_app.command("cluster")
+def plan_cluster(
+    gpu: Annotated[str, typer.Option(help="GPU or node type.")] = "h100",
+    num_gpus: Annotated[int, typer.Option(help="GPUs in the cluster.")] = 1024,
+    fabric: Annotated[str, typer.Option(help="rail-optimized | fat-tree.")] = "rail-optimized",
+    oversubscription: Annotated[float, typer.Option(help="Leaf down:up ratio.")] = 1.0,
+    switch_radix: Annotated[int, typer.Option(help="Ports per switch.")] = 64,
+    hardware: Annotated[Path | None, typer.Option(help="TOML/JSON of extra hardware.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Topology drawing (PNG).")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write JSON ('-' for stdout).")
+    ] = None,
+) -> None:
+    """Size a cluster network: switches, cables, bisection, hops, collective bandwidth."""
+    from aiinfra.cluster.report import cluster_summary, resolve_cluster
+
+    try:
+        cluster = resolve_cluster(
+            gpu, num_gpus, hardware=hardware, fabric=fabric, oversubscription=oversubscription,
+            switch_radix=switch_radix,
+        )  # fmt: skip
+        summary = cluster_summary(cluster)
+    except ValueError as e:
+        _fail(str(e))
+    for key, value in summary.items():
+        shown = f"{value:,.4g}" if isinstance(value, float) else value
+        typer.echo(f"{key:>34}: {shown}")
+    if plot is not None:
+        from aiinfra.cluster.plots import draw_topology
+
+        draw_topology(cluster, plot)
+    _write_json(json_path, summary)
+
+
+@plan_app.command("pipeline")
+def plan_pipeline(
+    pp: Annotated[int, typer.Option(help="Pipeline stages.")] = 4,
+    micro_batches: Annotated[int, typer.Option(help="Micro-batches per step.")] = 8,
+    schedule: Annotated[str, typer.Option(help="gpipe | 1f1b.")] = "1f1b",
+    forward_ms: Annotated[float, typer.Option(help="Forward time per stage.")] = 1.0,
+    backward_ms: Annotated[float, typer.Option(help="Backward time per stage.")] = 2.0,
+    plot: Annotated[Path | None, typer.Option(help="Gantt chart (PNG).")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write JSON ('-' for stdout).")
+    ] = None,
+) -> None:
+    """Simulate a pipeline schedule: makespan, bubble, Gantt chart."""
+    from aiinfra.cluster.schedule import bubble_fraction, simulate
+
+    try:
+        actions = simulate(schedule, pp, micro_batches, forward_ms / 1e3, backward_ms / 1e3)
+    except ValueError as e:
+        _fail(str(e))
+    makespan = max(a.end for a in actions)
+    bubble = bubble_fraction(actions, pp)
+    typer.echo(
+        f"{schedule}: pp={pp}, {micro_batches} micro-batches: step {makespan * 1e3:.2f} ms, "
+        f"bubble {100 * bubble:.1f}% (analytic (p-1)/(m+p-1) = "
+        f"{100 * (pp - 1) / (micro_batches + pp - 1):.1f}%)"
+    )
+    if plot is not None:
+        from aiinfra.cluster.plots import plot_pipeline
+
+        title = f"{schedule}, pp={pp}, m={micro_batches}, bubble {100 * bubble:.1f}%"
+        plot_pipeline(actions, pp, title, plot)
+    _write_json(
+        json_path,
+        {"schedule": schedule, "pp": pp, "micro_batches": micro_batches,
+         "step_time_s": makespan, "bubble_fraction": bubble,
+         "actions": [[a.stage, a.kind, a.micro_batch, a.start, a.end] for a in actions]},
+    )  # fmt: skip
+
 
 def main() -> None:
     app()
