@@ -1,0 +1,111 @@
+"""Fixtures: real uvicorn servers on free 127.0.0.1 ports serving the real engine, tiny model."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from aiinfra.infer import EngineConfig, LLMEngine
+from aiinfra.models import create_random_model_dir, get_preset, load_model
+from aiinfra.serve.server import ServerConfig, build_app
+
+MODEL_NAME = "tiny-test"
+API_KEY = "sk-test-key"
+POISON_TOKEN = 500  # a prompt starting with this id makes FaultyEngine.step raise
+MAX_MODEL_LEN = 512
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: FastAPI
+    engine: LLMEngine
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30, **kw)
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=30, **kw)
+
+    def metric(self, name: str) -> float:
+        """One sample of /metrics (no labels)."""
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "uvicorn did not stop within 30 s"
+
+
+class FaultyEngine(LLMEngine):
+    """The real engine, except that a step with a poisoned request in it raises."""
+
+    def step(self):
+        if any(r.prompt_token_ids[0] == POISON_TOKEN for r in self.requests.values()):
+            raise RuntimeError("injected fault")
+        return super().step()
+
+
+def start_server(engine: LLMEngine, config: ServerConfig) -> RunningServer:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # a free port chosen by the OS: never a hard-coded one
+    port = sock.getsockname()[1]
+    app = build_app(engine, config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise TimeoutError("uvicorn did not start within 30 s")
+        time.sleep(0.02)
+    return RunningServer(f"http://127.0.0.1:{port}", app, engine, server, thread)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_random_model_dir(get_preset("tiny"), tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def ref_model(model_dir: Path):
+    model, _ = load_model(model_dir)
+    return model.eval()
+
+
+def _engine(model_dir: Path, cls: type[LLMEngine] = LLMEngine, **kw) -> LLMEngine:
+    cfg = dict(kv_cache_memory="16MiB", max_model_len=MAX_MODEL_LEN, num_threads=1)
+    return cls(EngineConfig(model=str(model_dir), **{**cfg, **kw}))
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: Path) -> Iterator[RunningServer]:
+    running = start_server(_engine(model_dir), ServerConfig(served_model_name=MODEL_NAME))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_server(model_dir: Path) -> Iterator[RunningServer]:
+    """API key, one running sequence at most, one waiting at most, and fault injection."""
+    engine = _engine(model_dir, FaultyEngine, max_num_seqs=1)
+    config = ServerConfig(served_model_name=MODEL_NAME, api_key=API_KEY, max_waiting=1)
+    running = start_server(engine, config)
+    yield running
+    running.stop()
