@@ -25,10 +25,18 @@ def gpt(h: int, layers: int, heads: int) -> ModelConfig:
 
 
 # Narayanan et al. 2021, Table 1 (A100 80GB DGX nodes, seq 2048, vocab 51200, full recompute).
+# The issue names the 1.7B, 18B and 1T rows; the other seven rows check the same constants.
 MEGATRON = [
     # (h, layers, heads, gpus, tp, pp, batch, measured TFLOP/s per GPU)
     (2304, 24, 24, 32, 1, 1, 512, 137),
+    (3072, 30, 32, 64, 2, 1, 512, 138),
+    (4096, 36, 32, 128, 4, 1, 512, 142),
     (6144, 40, 48, 256, 8, 1, 1024, 135),
+    (8192, 48, 64, 512, 8, 2, 1536, 138),
+    (10240, 60, 80, 1024, 8, 4, 1792, 140),
+    (12288, 80, 96, 1536, 8, 8, 2304, 148),
+    (16384, 96, 128, 1920, 8, 16, 2160, 155),
+    (20480, 105, 128, 2520, 8, 35, 2520, 163),
     (25600, 128, 160, 3072, 8, 64, 3072, 163),
 ]
 
