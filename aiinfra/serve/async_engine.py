@@ -239,8 +239,8 @@ class AsyncLLMEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 break
+        self.stats = self.engine.get_stats()  # before the acks: num_waiting never undercounts
         if results:
-            self.stats = self.engine.get_stats()  # before the acks: num_waiting never undercounts
             self._call(self._acknowledge, results)
         return True
 

@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from aiinfra.infer import EngineConfig, LLMEngine
+from aiinfra.infer.attention import cpu_extension
 from aiinfra.models import create_random_model_dir, get_preset, load_model
 from aiinfra.serve.server import ServerConfig, build_app
 
@@ -80,6 +81,9 @@ def start_server(engine: LLMEngine, config: ServerConfig) -> RunningServer:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # the paged-attention kernel compiles on first use (tens of seconds when its source changed):
+    # do that here, not inside a request with a client timeout
+    cpu_extension()
     return create_random_model_dir(get_preset("tiny"), tmp_path_factory.mktemp("tiny"), seed=0)
 
 
