@@ -93,7 +93,7 @@ def _roofline(
     memory = nbytes / (tp * gpu.memory_bandwidth_gbps * 1e9 * gpu.memory_efficiency)
     comm = 0.0
     if tp > 1:
-        per_node = min(tp, cluster.node.num_gpus)
+        per_node = tp  # a replica stays inside one node (checked in plan_serving)
         act = 2 * num_tokens * model.hidden_size
         comm = 2 * model.num_layers * collective_time(cluster, "all_reduce", act, tp, per_node)
     return max(compute, memory) + comm

@@ -87,7 +87,7 @@ def plot_layouts(plans: list[Plan], path: str | Path, top: int = 10) -> None:
     """Stacked step-time terms of the `top` fastest layouts, with TFLOP/s per GPU."""
     plans = plans[:top]
     terms = ("compute", "tp_comm", "pp_comm", "dp_comm", "bubble", "optimizer")
-    fig, ax = plt.subplots(figsize=(12, 0.45 * len(plans) + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.45 * len(plans) + 2))
     for i, plan in enumerate(plans):
         left = 0.0
         for k, term in enumerate(terms):
@@ -99,8 +99,9 @@ def plot_layouts(plans: list[Plan], path: str | Path, top: int = 10) -> None:
                 va="center", fontsize=7)  # fmt: skip
     ax.set_yticks(range(len(plans)), [p.parallel.describe() for p in plans], fontsize=7)
     ax.invert_yaxis()
+    ax.set_xlim(0, 1.3 * max(p.step_time_s for p in plans))  # room for the labels
     ax.set_xlabel("step time (s)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(terms))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -312,10 +312,10 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, cluster: ClusterS
 
 
 def _placement(size: int, stride: int, gpn: int) -> int:
-    """GPUs of a group with rank stride `stride` that share a node (ranks ordered tp, dp, pp)."""
-    if stride >= gpn:
-        return 1
-    return min(size, gpn // stride)
+    """GPUs of a group with rank stride `stride` that share a node (ranks ordered tp, dp, pp): the
+    largest divisor of `size` that fits in gpn // stride (node sizes like 72 need not divide)."""
+    fit = gpn // stride
+    return max((d for d in range(1, min(size, fit) + 1) if size % d == 0), default=1)
 
 
 def _layer_time(
@@ -347,7 +347,7 @@ def _layer_time(
         # is recomputed; with sequence parallelism each becomes an all-gather plus a reduce-scatter
         # moving the same bytes
         n = 6 if parallel.recompute == "full" else 4
-        per_node = min(t, cluster.node.num_gpus)
+        per_node = _placement(t, 1, cluster.node.num_gpus)
         tp_comm = n * collective_time(cluster, "all_reduce", BF16 * tokens * h, t, per_node)
     return fwd + bwd, bwd, tp_comm
 
