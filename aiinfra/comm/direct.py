@@ -1,0 +1,181 @@
+"""Direct collectives over shared memory: every rank reads its peers' staging buffers in place.
+
+Data streams through two staging halves per rank (double buffering), chunk by chunk. Per chunk: copy in,
+tick barrier, read what is needed from the peers' buffers, then release the half (a signal, no wait: the
+next use of that half waits for it). Two-shot all-reduce is reduce-scatter + all-gather in shared memory:
+rank r reduces slice r of the chunk from all peers, then everyone copies every reduced slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from aiinfra.comm.algorithms import chunk_bounds, finish_avg
+from aiinfra.comm.shm import SharedMemoryTransport
+from aiinfra.comm.transport import describe
+
+
+def _reduce_all(dst: torch.Tensor, srcs: Sequence[torch.Tensor], op: str) -> None:
+    """dst = srcs[0] (op) srcs[1] (op) ...; dst may alias srcs[0] only (it is overwritten first)."""
+    if len(srcs) == 1:
+        dst.copy_(srcs[0])
+        return
+    fn = torch.add if op in ("sum", "avg") else torch.maximum if op == "max" else torch.minimum
+    fn(srcs[0], srcs[1], out=dst)
+    for src in srcs[2:]:
+        fn(dst, src, out=dst)
+
+
+def _chunks(sm: SharedMemoryTransport, numel: int, elem_bytes: int) -> Iterator[tuple[int, int, int]]:
+    """(index, start, end) of the chunks; at least one, so that empty calls still synchronize."""
+    step = sm.config.chunk_bytes // elem_bytes
+    for i, a in enumerate(range(0, max(numel, 1), step)):
+        yield i, a, min(a + step, numel)
+
+
+def _stage(sm: SharedMemoryTransport, half: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    return [sm.staging(q, half)[:nbytes].view(dtype) for q in range(sm.world_size)]
+
+
+class _Halves:
+    """Alternates the staging halves across chunks and across calls (kept on the transport)."""
+
+    def __init__(self, sm: SharedMemoryTransport) -> None:
+        self.sm = sm
+
+    def __enter__(self) -> int:
+        self.half = self.sm.next_half()
+        self.sm.acquire_half(self.half)
+        return self.half
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.sm.release_half(self.half)
+
+
+def one_shot_all_reduce(
+    sm: SharedMemoryTransport, x: torch.Tensor, out: torch.Tensor, op: str
+) -> None:
+    """Every rank reads all p buffers and reduces the whole chunk itself: one barrier (small sizes)."""
+    p, r = sm.world_size, sm.rank
+    desc = describe("all_reduce", x, op)
+    for i, a, b in _chunks(sm, x.numel(), x.element_size()):
+        with _Halves(sm) as h:
+            stage = _stage(sm, h, b - a, x.dtype)
+            stage[r].copy_(x[a:b])
+            sm.barrier(desc if i == 0 else None, "all_reduce")
+            _reduce_all(out[a:b], stage, op)  # same order on every rank: bit-identical results
+        finish_avg(out[a:b], p, op)
+
+
+def two_shot_all_reduce(
+    sm: SharedMemoryTransport, x: torch.Tensor, out: torch.Tensor, op: str
+) -> None:
+    """Reduce-scatter + all-gather through shared memory: each element is read ~2(p-1)/p times."""
+    registered = sm.registered_peers(x) if x.data_ptr() == out.data_ptr() else None
+    if registered is not None:
+        _two_shot_registered(sm, x, registered[0], registered[1], op)
+        return
+    p, r = sm.world_size, sm.rank
+    desc = describe("all_reduce", x, op)
+    for i, a, b in _chunks(sm, x.numel(), x.element_size()):
+        with _Halves(sm) as h:
+            stage = _stage(sm, h, b - a, x.dtype)
+            xin, xout = x[a:b], out[a:b]
+            sb = chunk_bounds(b - a, p)
+            lo, hi = sb[r], sb[r + 1]
+            stage[r][:lo].copy_(xin[:lo])  # only the slices peers reduce; ours is read from x
+            stage[r][hi:].copy_(xin[hi:])
+            sm.barrier(desc if i == 0 else None, "all_reduce")
+            mine = stage[r][lo:hi]
+            _reduce_all(mine, [xin[lo:hi] if q == r else stage[q][lo:hi] for q in range(p)], op)
+            finish_avg(mine, p, op)
+            sm.barrier()
+            for q in range(p):
+                xout[sb[q] : sb[q + 1]].copy_(stage[q][sb[q] : sb[q + 1]])
+
+
+def _two_shot_registered(
+    sm: SharedMemoryTransport, x: torch.Tensor, offset: int, peers: list[torch.Tensor], op: str
+) -> None:
+    """In place on buffers that already live in shared memory: no copy in, three barriers."""
+    p, r = sm.world_size, sm.rank
+    views = [v.view(x.dtype) for v in peers]
+    sb = chunk_bounds(x.numel(), p)
+    lo, hi = sb[r], sb[r + 1]
+    sm.barrier(describe("all_reduce", x, op, extra=offset), "all_reduce")
+    mine = views[r][lo:hi]  # the destination is also a source: it must be read first
+    _reduce_all(mine, [mine] + [v[lo:hi] for q, v in enumerate(views) if q != r], op)
+    finish_avg(views[r][lo:hi], p, op)
+    sm.barrier()
+    for q in range(p):
+        if q != r:
+            views[r][sb[q] : sb[q + 1]].copy_(views[q][sb[q] : sb[q + 1]])
+    sm.barrier()  # peers are done reading our slice: the caller may write the buffer again
+
+
+def direct_all_gather(sm: SharedMemoryTransport, out: torch.Tensor, inp: torch.Tensor) -> None:
+    p, r, m = sm.world_size, sm.rank, inp.numel()
+    desc = describe("all_gather", inp)
+    for i, a, b in _chunks(sm, m, inp.element_size()):
+        with _Halves(sm) as h:
+            stage = _stage(sm, h, b - a, inp.dtype)
+            stage[r].copy_(inp[a:b])
+            sm.barrier(desc if i == 0 else None, "all_gather")
+            for q in range(p):
+                out[q * m + a : q * m + b].copy_(stage[q])
+
+
+def direct_reduce_scatter(
+    sm: SharedMemoryTransport, out: torch.Tensor, inp: torch.Tensor, op: str
+) -> None:
+    """Each chunk stages p pieces (one per destination); rank r reduces piece r from every peer."""
+    p, r, m = sm.world_size, sm.rank, out.numel()
+    desc = describe("reduce_scatter", out, op)
+    for i, a, b in _chunks(sm, m, inp.element_size() * p):
+        k = b - a
+        with _Halves(sm) as h:
+            stage = _stage(sm, h, p * k, inp.dtype)
+            for q in range(p):
+                if q != r:
+                    stage[r][q * k : (q + 1) * k].copy_(inp[q * m + a : q * m + b])
+            sm.barrier(desc if i == 0 else None, "reduce_scatter")
+            srcs = [inp[r * m + a : r * m + b] if q == r else stage[q][r * k : (r + 1) * k] for q in range(p)]
+            _reduce_all(out[a:b], srcs, op)
+        finish_avg(out[a:b], p, op)
+
+
+def direct_broadcast(sm: SharedMemoryTransport, x: torch.Tensor, root: int) -> None:
+    r = sm.rank
+    desc = describe("broadcast", x, extra=root)
+    for i, a, b in _chunks(sm, x.numel(), x.element_size()):
+        with _Halves(sm) as h:
+            if r == root:
+                _stage(sm, h, b - a, x.dtype)[r].copy_(x[a:b])
+            sm.barrier(desc if i == 0 else None, "broadcast")
+            if r != root:
+                x[a:b].copy_(_stage(sm, h, b - a, x.dtype)[root])
+
+
+def direct_all_to_all(sm: SharedMemoryTransport, out: torch.Tensor, inp: torch.Tensor) -> None:
+    p, r = sm.world_size, sm.rank
+    m = inp.numel() // p
+    desc = describe("all_to_all", inp)
+    for i, a, b in _chunks(sm, m, inp.element_size() * p):
+        k = b - a
+        with _Halves(sm) as h:
+            stage = _stage(sm, h, p * k, inp.dtype)
+            for q in range(p):
+                if q != r:
+                    stage[r][q * k : (q + 1) * k].copy_(inp[q * m + a : q * m + b])
+            sm.barrier(desc if i == 0 else None, "all_to_all")
+            for q in range(p):
+                src = inp[r * m + a : r * m + b] if q == r else stage[q][r * k : (r + 1) * k]
+                out[q * m + a : q * m + b].copy_(src)
+
+
+def direct_barrier(sm: SharedMemoryTransport) -> None:
+    sm.barrier(describe("barrier", torch.empty(0)), "barrier")

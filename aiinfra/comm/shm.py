@@ -1,0 +1,390 @@
+"""Shared-memory transport for the ranks of a group on one host.
+
+Each rank owns one segment in /dev/shm (control words, two staging halves for direct collectives, one
+mailbox slot per peer) and maps every peer's: ranks read each other's buffers directly. Synchronization is a
+per-rank monotonic tick counter in shared memory (signal = store, wait = poll with backoff), not a socket.
+Segments are unlinked as soon as every rank has mapped them, so nothing is left in /dev/shm after exit or a
+crash; a crash inside that window is cleaned by the next group on the host (stale files of dead pids).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import mmap
+import platform
+import time
+import os
+import secrets
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from aiinfra.comm.transport import (
+    Backoff,
+    Transport,
+    Work,
+    as_bytes,
+    raise_on_mismatch,
+    spin_seconds,
+)
+
+SHM_DIR = "/dev/shm"
+PREFIX = "aiinfra-comm-"
+_ALIGN = 4096
+
+# Control words (int64) at the start of every segment.
+_PID, _TICK = 0, 1
+_DESC = 8  # two descriptor slots of 8 words, used alternately by consecutive collectives
+_SEND = 32  # _SEND + q: messages this rank has put in its slot for q; _ACK + q: taken from q; _LEN + q: size
+
+
+# A rank blocked on a peer's tick sleeps in the kernel (futex on the tick's low 32 bits, in shared
+# memory) instead of burning a core another rank needs; every signal wakes the sleepers.
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _futex_wait(addr: int, expected: int, timeout_s: float) -> None:
+    if _SYS_FUTEX is None:
+        time.sleep(min(timeout_s, 50e-6))
+        return
+    ts = _Timespec(int(timeout_s), int(timeout_s % 1 * 1e9))
+    value = ctypes.c_int32(expected & 0xFFFFFFFF).value
+    _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(addr), 0, value, ctypes.byref(ts), None, 0)
+
+
+def _futex_wake(addr: int) -> None:
+    if _SYS_FUTEX is not None:
+        _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(addr), 1, 0x7FFFFFFF, None, None, 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShmConfig:
+    chunk_bytes: int = 1 << 20  # direct collectives stream through two staging halves of this size
+    slot_bytes: int = 1 << 20  # point-to-point mailbox per (sender, receiver) pair
+
+    def __post_init__(self) -> None:
+        for field in ("chunk_bytes", "slot_bytes"):
+            value = getattr(self, field)
+            if value < 4096 or value % 64:
+                raise ValueError(f"{field} ({value}) must be >= 4096 and a multiple of 64")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_segments() -> list[str]:
+    """Unlink segments whose creating process is gone (killed between create and unlink)."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(SHM_DIR):
+            if not entry.startswith(PREFIX):
+                continue
+            try:
+                pid = int(entry[len(PREFIX) :].split("-")[0])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(SHM_DIR, entry))
+                    removed.append(entry)
+    return removed
+
+
+class _Segment:
+    """One mapped file: `data` is a uint8 tensor over all of it, `ctrl` an int64 numpy view of the header."""
+
+    def __init__(self, path: str, nbytes: int, create: bool) -> None:
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, nbytes)
+            self.mm = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        self.array = np.frombuffer(self.mm, dtype=np.uint8)
+        self.data = torch.from_numpy(self.array)
+        self.ctrl = self.array[:_ALIGN].view(np.int64)
+
+
+_own_paths: set[str] = set()
+
+
+@atexit.register
+def _unlink_own() -> None:
+    for path in list(_own_paths):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def map_group_segments(pg: dist.ProcessGroup, nbytes: int) -> list[_Segment]:
+    """Collective on `pg`: each rank creates its segment, maps all peers', then unlinks its own."""
+    remove_stale_segments()
+    path = os.path.join(SHM_DIR, f"{PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
+    _own_paths.add(path)
+    own = _Segment(path, nbytes, create=True)
+    own.ctrl[_PID] = os.getpid()
+    paths: list[str | None] = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(paths, path, group=pg)
+    me = dist.get_rank(pg)
+    segments = [own if r == me else _Segment(str(p), nbytes, create=False) for r, p in enumerate(paths)]
+    dist.barrier(group=pg)  # every rank has mapped every segment: the names can go
+    os.unlink(path)
+    _own_paths.discard(path)
+    return segments
+
+
+class SharedMemoryTransport(Transport):
+    """Point-to-point mailboxes and tick barriers over shared memory, for ranks of `pg` on one host.
+
+    Collective on `pg` to construct. The direct collectives in algorithms.py use `staging`, `barrier`,
+    `acquire_half` / `release_half`; the point-to-point algorithms use isend/irecv like any transport.
+    """
+
+    def __init__(
+        self, pg: dist.ProcessGroup, name: str, timeout_s: float, config: ShmConfig
+    ) -> None:
+        self.pg = pg
+        self.name = name
+        self.timeout_s = timeout_s
+        self.config = config
+        self.rank = dist.get_rank(pg)
+        self.world_size = p = dist.get_world_size(pg)
+        assert _SEND + 3 * p <= _ALIGN // 8, f"world size {p} too large for the control header"
+        self._ack, self._len = _SEND + p, _SEND + 2 * p
+        self._staging_off = _ALIGN
+        self._slot_off = _ALIGN + 2 * config.chunk_bytes
+        self.segments = map_group_segments(pg, self._slot_off + p * config.slot_bytes)
+        self.ctrls = [s.ctrl for s in self.segments]
+        self.pids = [int(c[_PID]) for c in self.ctrls]
+        self._tick_addr = [s.data.data_ptr() + 8 * _TICK for s in self.segments]
+        self._tick = 0
+        self._spin_s = spin_seconds(p)
+        self._calls = 0
+        self._next_half = 1
+        self._half_free = [0, 0]  # tick every peer must reach before a staging half is reused
+        self._sends: list[deque[_ShmWork]] = [deque() for _ in range(p)]
+        self._recvs: list[deque[_ShmWork]] = [deque() for _ in range(p)]
+        self._registered: list[tuple[int, int, list[_Segment]]] = []
+
+    # --- ticks: signal = store own counter, wait = every peer's counter reached the value ------------
+
+    def next_tick(self) -> int:
+        self._tick += 1
+        return self._tick
+
+    def signal(self, tick: int) -> None:
+        self.ctrls[self.rank][_TICK] = tick
+        _futex_wake(self._tick_addr[self.rank])
+
+    def wait_tick(self, tick: int) -> None:
+        ctrls = self.ctrls
+        if all(c[_TICK] >= tick for c in ctrls):
+            return
+        now = start = time.monotonic()
+        spin_until, next_check = start + self._spin_s, start + 0.1
+        while now < spin_until:
+            if all(c[_TICK] >= tick for c in ctrls):
+                return
+            now = time.monotonic()
+        while True:
+            missing = [q for q, c in enumerate(ctrls) if c[_TICK] < tick]
+            if not missing:
+                return
+            seen = int(ctrls[missing[0]][_TICK])
+            if seen < tick:
+                _futex_wait(self._tick_addr[missing[0]], seen, 2e-3)
+            now = time.monotonic()
+            if now > next_check:
+                next_check = now + 0.1
+                self._check_alive(missing)
+                if now - start > self.timeout_s:
+                    raise self._timeout(tick)
+
+    def barrier(self, desc: Sequence[int] | None = None, op: str = "barrier") -> None:
+        """All ranks arrive; with `desc`, also check that all ranks called `op` with the same arguments."""
+        slot = _DESC + 8 * (self._calls & 1)
+        if desc is not None:
+            self._calls += 1
+            self.ctrls[self.rank][slot : slot + len(desc)] = desc
+        tick = self.next_tick()
+        self.signal(tick)
+        self.wait_tick(tick)
+        if desc is not None:
+            raise_on_mismatch(op, self.name, [c[slot : slot + len(desc)] for c in self.ctrls])
+
+    def check_args(self, op: str, desc: Sequence[int]) -> None:
+        self.barrier(desc, op)
+
+    def _timeout(self, tick: int) -> TimeoutError:
+        missing = [r for r, c in enumerate(self.ctrls) if c[_TICK] < tick]
+        return TimeoutError(
+            f"group {self.name}: rank {self.rank} waited {self.timeout_s:g}s for rank(s) {missing}"
+        )
+
+    def _check_alive(self, ranks: Sequence[int]) -> None:
+        dead = [r for r in ranks if not _pid_alive(self.pids[r])]
+        if dead:
+            raise RuntimeError(
+                f"group {self.name}: rank(s) {dead} exited (pid {[self.pids[r] for r in dead]})"
+            )
+
+    # --- staging for direct collectives --------------------------------------------------------------
+
+    def staging(self, rank: int, half: int) -> torch.Tensor:
+        start = self._staging_off + half * self.config.chunk_bytes
+        return self.segments[rank].data[start : start + self.config.chunk_bytes]
+
+    def next_half(self) -> int:
+        self._next_half ^= 1
+        return self._next_half
+
+    def acquire_half(self, half: int) -> None:
+        """Wait until every peer has finished reading this rank's staging half from its last use."""
+        self.wait_tick(self._half_free[half])
+
+    def release_half(self, half: int) -> None:
+        tick = self.next_tick()
+        self.signal(tick)
+        self._half_free[half] = tick
+
+    # --- registered buffers: tensors that live in shared memory, so peers read them in place ---------
+
+    def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Collective: a tensor of `numel` elements in this rank's new shared segment (peers map it)."""
+        nbytes = max(64, numel * torch.empty((), dtype=dtype).element_size())
+        segments = map_group_segments(self.pg, nbytes)
+        data = segments[self.rank].data
+        self._registered.append((data.data_ptr(), nbytes, segments))
+        return data[:nbytes].view(dtype)[:numel]
+
+    def registered_peers(self, tensor: torch.Tensor) -> tuple[int, list[torch.Tensor]] | None:
+        """(byte offset, every rank's uint8 view of the same region) if `tensor` is a registered buffer."""
+        ptr, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        for base, size, segments in self._registered:
+            if base <= ptr and ptr + nbytes <= base + size and tensor.is_contiguous():
+                off = ptr - base
+                return off, [s.data[off : off + nbytes] for s in segments]
+        return None
+
+    # --- point-to-point: one mailbox slot per (sender, receiver); messages are chunked through it -----
+
+    def isend(self, tensor: torch.Tensor, peer: int) -> Work:
+        return self._post(self._sends[peer], _ShmWork(as_bytes(tensor), peer))
+
+    def irecv(self, tensor: torch.Tensor, peer: int) -> Work:
+        return self._post(self._recvs[peer], _ShmWork(as_bytes(tensor), peer))
+
+    def _post(self, queue: deque[_ShmWork], work: _ShmWork) -> _ShmWork:
+        work.transport = self
+        queue.append(work)
+        self.progress()
+        return work
+
+    def progress(self) -> None:
+        for peer in range(self.world_size):
+            while self._sends[peer] and self._progress_send(self._sends[peer][0]):
+                self._sends[peer].popleft()
+            while self._recvs[peer] and self._progress_recv(self._recvs[peer][0]):
+                self._recvs[peer].popleft()
+
+    def _progress_send(self, w: _ShmWork) -> bool:
+        mine, theirs, q = self.ctrls[self.rank], self.ctrls[w.peer], w.peer
+        slot = self._slot(self.rank, q)
+        while w.offset < w.nbytes or w.chunks == 0:
+            if mine[_SEND + q] != theirs[self._ack + self.rank]:
+                return False  # the receiver has not emptied the slot yet
+            n = min(self.config.slot_bytes, w.nbytes - w.offset)
+            slot[:n].copy_(w.buf[w.offset : w.offset + n])
+            mine[self._len + q] = w.nbytes
+            mine[_SEND + q] += 1
+            w.offset += n
+            w.chunks += 1
+        w.done = True
+        return True
+
+    def _progress_recv(self, w: _ShmWork) -> bool:
+        mine, theirs, q = self.ctrls[self.rank], self.ctrls[w.peer], w.peer
+        slot = self._slot(q, self.rank)
+        while w.offset < w.nbytes or w.chunks == 0:
+            if theirs[_SEND + self.rank] == mine[self._ack + q]:
+                return False
+            if theirs[self._len + self.rank] != w.nbytes:
+                raise ValueError(
+                    f"group {self.name}: rank {q} sent {theirs[self._len + self.rank]} bytes,"
+                    f" rank {self.rank} expected {w.nbytes}"
+                )
+            n = min(self.config.slot_bytes, w.nbytes - w.offset)
+            w.buf[w.offset : w.offset + n].copy_(slot[:n])
+            mine[self._ack + q] += 1
+            w.offset += n
+            w.chunks += 1
+        w.done = True
+        return True
+
+    def _slot(self, sender: int, receiver: int) -> torch.Tensor:
+        start = self._slot_off + receiver * self.config.slot_bytes
+        return self.segments[sender].data[start : start + self.config.slot_bytes]
+
+    def wait_all(self, works: Sequence[Work]) -> None:
+        pending = [w for w in works if isinstance(w, _ShmWork)]
+        self.progress()
+        if all(w.done for w in pending):
+            return
+        backoff = Backoff(self.timeout_s, lambda: self._p2p_timeout(pending), self._spin_s)
+        while True:
+            self.progress()
+            if all(w.done for w in pending):
+                return
+            backoff.pause()
+            if backoff.rounds & 4095 == 0:
+                self._check_alive([w.peer for w in pending if not w.done])
+
+    def _p2p_timeout(self, works: Sequence[_ShmWork]) -> TimeoutError:
+        peers = sorted({w.peer for w in works if not w.done})
+        return TimeoutError(
+            f"group {self.name}: rank {self.rank} waited {self.timeout_s:g}s for rank(s) {peers}"
+        )
+
+    def close(self) -> None:
+        """Drop this rank's mappings (memory is freed when the last rank drops them)."""
+        self.ctrls = []
+        for seg in self.segments:
+            seg.data = seg.array = seg.ctrl = None  # type: ignore[assignment]
+        self.segments = []
+        self._registered = []
+
+
+class _ShmWork:
+    __slots__ = ("buf", "peer", "nbytes", "offset", "chunks", "done", "transport")
+
+    def __init__(self, buf: torch.Tensor, peer: int) -> None:
+        self.buf = buf
+        self.peer = peer
+        self.nbytes = buf.numel()
+        self.offset = 0
+        self.chunks = 0  # a zero-byte message is still one (empty) chunk: both sides stay in step
+        self.done = False
+        self.transport: SharedMemoryTransport | None = None
+
+    def wait(self) -> None:
+        assert self.transport is not None
+        self.transport.wait_all([self])

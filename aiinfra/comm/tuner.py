@@ -1,0 +1,222 @@
+"""Alpha-beta-gamma cost model of every collective algorithm, the size-based choice, and its calibration.
+
+Thakur, Rabenseifner and Gropp (2005): a message of n bytes costs alpha + n*beta, reducing it n*gamma.
+`algorithm_cost` is linear in (alpha, beta, gamma), so `fit_link_params` fits them by least squares from
+measured times, and `calibrate` measures a sweep and saves the fit per transport as JSON; `impl="auto"`
+picks the cheapest (algorithm, transport) with those values, like NCCL's tuner does with its own table.
+Sizes follow nccl-tests: all_reduce/broadcast the buffer, all_gather the output, reduce_scatter the input,
+all_to_all one rank's buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+# point-to-point algorithms: run on any transport
+ALGORITHMS: dict[str, tuple[str, ...]] = {
+    "all_reduce": ("ring", "rabenseifner", "recursive_doubling", "double_binary_tree"),
+    "all_gather": ("ring", "recursive_doubling"),
+    "reduce_scatter": ("ring", "recursive_halving"),
+    "broadcast": ("binomial_tree", "scatter_allgather"),
+    "all_to_all": ("pairwise",),
+    "barrier": ("dissemination",),
+}
+# direct algorithms: read peers' buffers in place, shared-memory transport only
+SHM_ALGORITHMS: dict[str, tuple[str, ...]] = {
+    "all_reduce": ("one_shot", "two_shot"),
+    "all_gather": ("direct",),
+    "reduce_scatter": ("direct",),
+    "broadcast": ("direct",),
+    "all_to_all": ("direct",),
+    "barrier": ("direct",),
+}
+NATIVE = "native"  # torch.distributed's own collective (gloo, NCCL)
+# cost-model keys: direct algorithms on shm, point-to-point algorithms on shm mailboxes, on torch, native
+TRANSPORTS = ("shm", "shm_p2p", "torch", NATIVE)
+SHM_CHUNK_BYTES = 1 << 20  # ShmConfig.chunk_bytes default: direct algorithms pay a barrier per chunk
+DEFAULT_TUNING_PATH = Path.home() / ".cache" / "aiinfra" / "comm_tuning.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkParams:
+    """Alpha-beta-gamma model of one transport / link."""
+
+    alpha_s: float  # per-message latency, seconds
+    beta_s_per_byte: float  # transfer time per byte
+    gamma_s_per_byte: float  # reduction compute time per byte
+
+    def __post_init__(self) -> None:
+        for field in ("alpha_s", "beta_s_per_byte", "gamma_s_per_byte"):
+            value = getattr(self, field)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{field} ({value}) must be finite and >= 0")
+
+
+# Until calibrate() has run: rough values for this class of machine (2 CPU cores, loopback TCP for gloo).
+DEFAULT_PARAMS: dict[str, LinkParams] = {
+    "shm": LinkParams(alpha_s=8e-6, beta_s_per_byte=1 / 8e9, gamma_s_per_byte=1 / 8e9),
+    "shm_p2p": LinkParams(alpha_s=40e-6, beta_s_per_byte=1 / 6e9, gamma_s_per_byte=1 / 8e9),
+    "torch": LinkParams(alpha_s=150e-6, beta_s_per_byte=1 / 1.5e9, gamma_s_per_byte=1 / 8e9),
+    NATIVE: LinkParams(alpha_s=400e-6, beta_s_per_byte=1 / 1.5e9, gamma_s_per_byte=1 / 8e9),
+}
+
+
+def cost_terms(
+    op: str, algorithm: str, nbytes: int, world_size: int, chunk_bytes: int = SHM_CHUNK_BYTES
+) -> tuple[float, float, float]:
+    """Coefficients (of alpha, beta, gamma) of the time of `algorithm` for `op` on `world_size` ranks."""
+    p, n = world_size, float(nbytes)
+    if p == 1:
+        return (0.0, 0.0, 0.0)
+    L = math.ceil(math.log2(p))  # rounds of a tree over p ranks
+    p2 = 1 << (p.bit_length() - 1)
+    L2, fold = math.log2(p2), float(p != p2)  # non-powers of two fold the extra ranks in and out
+    f = (p - 1) / p
+    c = max(1, math.ceil(n / chunk_bytes))
+    if algorithm == NATIVE:  # modelled as the bandwidth-optimal algorithm torch's backends use
+        algorithm = {"broadcast": "binomial_tree", "all_to_all": "pairwise"}.get(op, "ring")
+        algorithm = "dissemination" if op == "barrier" else algorithm
+    table: dict[tuple[str, str], tuple[float, float, float]] = {
+        ("all_reduce", "ring"): (2 * (p - 1), 2 * f * n, f * n),
+        ("all_reduce", "rabenseifner"): (
+            2 * L2 + 2 * fold,
+            2 * (p2 - 1) / p2 * n + 2 * fold * n,
+            (p2 - 1) / p2 * n + fold * n,
+        ),
+        ("all_reduce", "recursive_doubling"): (L2 + 2 * fold, (L2 + 2 * fold) * n, (L2 + fold) * n),
+        ("all_reduce", "double_binary_tree"): _tree_terms(p, n),
+        ("all_reduce", "one_shot"): (2 * c, n, (p - 1) * n),
+        ("all_reduce", "two_shot"): (3 * c, 2 * f * n + n / p, f * n),
+        ("all_gather", "ring"): (p - 1, f * n, 0.0),
+        ("all_gather", "recursive_doubling"): (
+            L2 + 2 * fold,
+            (p2 - 1) / p2 * n + fold * (n / p + n),
+            0.0,
+        ),
+        ("all_gather", "direct"): (2 * max(1, math.ceil(n / p / chunk_bytes)), n / p + n, 0.0),
+        ("reduce_scatter", "ring"): (p - 1, f * n, f * n),
+        ("reduce_scatter", "recursive_halving"): (
+            L2 + 2 * fold,
+            (p2 - 1) / p2 * n + fold * (n + n / p),
+            (p2 - 1) / p2 * n + fold * n,
+        ),
+        ("reduce_scatter", "direct"): (2 * c, f * n, f * n),
+        ("broadcast", "binomial_tree"): (L, L * n, 0.0),
+        ("broadcast", "scatter_allgather"): (L + p - 1, 2 * f * n, 0.0),
+        ("broadcast", "direct"): (2 * c, 2 * n, 0.0),
+        ("all_to_all", "pairwise"): (p - 1, f * n, 0.0),
+        ("all_to_all", "direct"): (2 * c, 2 * f * n + n / p, 0.0),
+        ("barrier", "dissemination"): (L, 0.0, 0.0),
+        ("barrier", "direct"): (1.0, 0.0, 0.0),
+    }
+    if (op, algorithm) not in table:
+        known = sorted(a for o, a in table if o == op) + [NATIVE]
+        raise ValueError(f"algorithm ({algorithm!r}) is not one of {known} for op ({op!r})")
+    return table[(op, algorithm)]
+
+
+def _tree_terms(p: int, n: float) -> tuple[float, float, float]:
+    # Not pipelined: each of d levels a node takes k halves from its children, then sends k halves down.
+    d = p.bit_length() - 1
+    k = min(2, p - 1)
+    return (2 * d * k, d * k * n, d * k * n / 2)
+
+
+def algorithm_cost(op: str, algorithm: str, nbytes: int, world_size: int, params: LinkParams) -> float:
+    """Seconds `algorithm` takes for `op` on `nbytes` over `world_size` ranks on a link with `params`."""
+    a, b, g = cost_terms(op, algorithm, nbytes, world_size)
+    return a * params.alpha_s + b * params.beta_s_per_byte + g * params.gamma_s_per_byte
+
+
+def choose_algorithm(
+    op: str,
+    nbytes: int,
+    world_size: int,
+    params: LinkParams,
+    candidates: Sequence[str] | None = None,
+) -> str:
+    """The cheapest of `candidates` (default: the point-to-point algorithms for `op`)."""
+    if op not in ALGORITHMS:
+        raise ValueError(f"op ({op!r}) is not one of {sorted(ALGORITHMS)}")
+    names = list(candidates) if candidates is not None else list(ALGORITHMS[op])
+    if not names:
+        raise ValueError(f"candidates ({candidates!r}) is empty")
+    return min(names, key=lambda a: algorithm_cost(op, a, nbytes, world_size, params))
+
+
+# --- fitting -----------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Sample:
+    """One measured point: `seconds` per call of `algorithm` for `op` at `nbytes` on `world_size` ranks."""
+
+    op: str
+    algorithm: str
+    nbytes: int
+    world_size: int
+    seconds: float
+
+
+def fit_link_params(samples: Sequence[Sample]) -> LinkParams:
+    """Non-negative least squares on relative error (times span five decades, so weight by 1/time)."""
+    if not samples:
+        raise ValueError("samples is empty")
+    A = np.array([cost_terms(s.op, s.algorithm, s.nbytes, s.world_size) for s in samples])
+    t = np.array([s.seconds for s in samples])
+    w = 1.0 / t
+    Aw, tw = A * w[:, None], t * w
+    best, best_res = np.zeros(3), math.inf
+    for mask in range(1, 8):  # every subset of free parameters; 3 unknowns, so this is exact NNLS
+        cols = [i for i in range(3) if mask >> i & 1]
+        x, *_ = np.linalg.lstsq(Aw[:, cols], tw, rcond=None)
+        if (x < 0).any():
+            continue
+        full = np.zeros(3)
+        full[cols] = x
+        res = float(np.sum((Aw @ full - tw) ** 2))
+        if res < best_res:
+            best, best_res = full, res
+    return LinkParams(alpha_s=best[0], beta_s_per_byte=best[1], gamma_s_per_byte=best[2])
+
+
+def save_params(path: Path, world_size: int, params: dict[str, LinkParams]) -> None:
+    """Merge the fit for `world_size` into the JSON file at `path` (one entry per world size)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault("world_sizes", {})[str(world_size)] = {k: asdict(v) for k, v in params.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def load_params(path: Path, world_size: int) -> dict[str, LinkParams] | None:
+    """The fit for `world_size`, or for the nearest calibrated world size; None if nothing is saved."""
+    if not path.exists():
+        return None
+    entries = json.loads(path.read_text()).get("world_sizes", {})
+    if not entries:
+        return None
+    nearest = min(entries, key=lambda k: abs(int(k) - world_size))
+    return {k: LinkParams(**v) for k, v in entries[nearest].items()}
+
+
+def calibrate(
+    group: object,
+    path: Path | None = DEFAULT_TUNING_PATH,
+    sizes: Sequence[int] = tuple(8 << (2 * i) for i in range(12)),
+    iters: int = 5,
+) -> dict[str, LinkParams]:
+    """Collective on `group` (a CommGroup): time all_reduce and all_gather algorithms on every
+    transport over `sizes`, fit LinkParams per transport, save them to `path` (rank 0) and return them."""
+    from aiinfra.comm.bench import measure_samples
+
+    samples = measure_samples(group, sizes, iters)
+    params = {t: fit_link_params(s) for t, s in samples.items() if s}
+    if path is not None and getattr(group, "rank", 0) == 0:
+        save_params(Path(path), getattr(group, "world_size", 1), params)
+    return params

@@ -1,0 +1,180 @@
+"""Every (op, algorithm, transport) against torch.distributed's own collective on the same ranks."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from aiinfra.comm import (
+    CommConfig,
+    CommGroup,
+    ShmConfig,
+    all_gather,
+    all_reduce,
+    all_to_all,
+    barrier,
+    broadcast,
+    reduce_scatter,
+)
+from aiinfra.comm.shm import PREFIX, SHM_DIR
+from aiinfra.comm.tuner import ALGORITHMS, SHM_ALGORITHMS
+from tests.distributed import run_distributed
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)
+# 1 element, fewer than the world size per block, and 3001 (odd; 12 KB of fp32 spans three 4 KiB chunks
+# and three mailbox slots, so chunking and slot reuse run too)
+COUNTS = (1, 5, 3001)
+SMALL = ShmConfig(chunk_bytes=4096, slot_bytes=4096)
+
+
+def make_group(timeout_s: float = 30.0, **kw: object) -> CommGroup:
+    config = CommConfig(timeout_s=timeout_s, shm=SMALL, tuning_path=None, **kw)  # type: ignore[arg-type]
+    return CommGroup(dist.group.WORLD, config, name="world")
+
+
+def impls(op: str) -> list[str]:
+    p2p = [f"{a}@{t}" for a in ALGORITHMS[op] for t in ("shm", "torch")]
+    return ["torch", "auto", *p2p, *[f"{a}@shm" for a in SHM_ALGORITHMS[op]]]
+
+
+def make_input(rank: int, n: int, dtype: torch.dtype, salt: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * salt + rank)
+    if dtype.is_floating_point:
+        return torch.randn(n, generator=g).to(dtype)
+    return torch.randint(-100, 100, (n,), generator=g, dtype=dtype)
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    # Reductions add in another order than gloo: fp32 differs by a few ulp; bf16/fp16 partial sums of
+    # N(0,1) values reach ~4 where one ulp is 2^-5 (bf16) / 2^-8 (fp16), so allow ~2 ulp absolute there.
+    return {
+        torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+        torch.bfloat16: {"rtol": 2e-2, "atol": 6e-2},
+        torch.float16: {"rtol": 2e-3, "atol": 8e-3},
+    }.get(dtype, {"rtol": 0, "atol": 0})
+
+
+def reference_all_reduce(x: torch.Tensor, op: str, p: int) -> torch.Tensor:
+    ref = x.clone()
+    if op == "avg" and not x.dtype.is_floating_point:
+        dist.all_reduce(ref, op=dist.ReduceOp.SUM)
+        return ref.div_(p, rounding_mode="floor")
+    dist.all_reduce(ref, op=getattr(dist.ReduceOp, op.upper()))
+    return ref
+
+
+def assert_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
+    everyone = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, t)
+    for r, other in enumerate(everyone):
+        assert torch.equal(other, t), f"{what}: rank {r} has a different result"
+
+
+def check_all_reduce(rank: int, p: int, group: CommGroup) -> None:
+    for dtype in DTYPES:
+        for op in ("sum", "avg", "max", "min"):
+            for n in COUNTS:
+                x = make_input(rank, n, dtype, n)
+                ref = reference_all_reduce(x, op, p)
+                for impl in impls("all_reduce"):
+                    what = f"all_reduce {impl} {dtype} {op} n={n}"
+                    y = all_reduce(x.clone(), group, op, impl=impl)
+                    torch.testing.assert_close(y, ref, **tolerance(dtype), msg=what)
+                    if op == "sum" and dtype == torch.float32:
+                        assert_same_on_all_ranks(y, what)
+    x = make_input(rank, 3001, torch.float32, 7)
+    ref = reference_all_reduce(x, "sum", p)
+    for impl in impls("all_reduce"):
+        out = torch.empty_like(x)
+        all_reduce(x, group, impl=impl, out=out)  # out of place: x untouched
+        torch.testing.assert_close(out, ref, **tolerance(torch.float32))
+        assert torch.equal(x, make_input(rank, 3001, torch.float32, 7)), impl
+        grid = make_input(rank, 3 * 7, torch.float32, 8).view(3, 7).t()  # not contiguous
+        grid_ref = reference_all_reduce(grid.contiguous(), "sum", p)
+        all_reduce(grid, group, impl=impl)
+        torch.testing.assert_close(grid, grid_ref, **tolerance(torch.float32))
+
+
+def check_registered(rank: int, p: int, group: CommGroup) -> None:
+    for n in (3001, (1 << 20) // 4 + 3):  # the second one is large enough for auto's in-place path
+        buf = group.alloc(n, torch.float32)
+        for impl in ("two_shot@shm", "one_shot@shm", "auto"):
+            buf.copy_(make_input(rank, n, torch.float32, n))
+            ref = reference_all_reduce(buf, "sum", p)
+            all_reduce(buf, group, impl=impl)
+            torch.testing.assert_close(buf, ref, **tolerance(torch.float32))
+            assert_same_on_all_ranks(buf, f"registered {impl}")
+
+
+def check_data_movement(rank: int, p: int, group: CommGroup) -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        for n in COUNTS:
+            x = make_input(rank, n, dtype, n)
+            ref = torch.empty(p * n, dtype=dtype)
+            dist.all_gather_into_tensor(ref, x)
+            for impl in impls("all_gather"):
+                out = all_gather(torch.empty(p * n, dtype=dtype), x, group, impl=impl)
+                torch.testing.assert_close(out, ref, rtol=0, atol=0, msg=f"all_gather {impl}")
+            x = make_input(rank, p * n, dtype, n + 1)
+            ref = torch.empty(p * n, dtype=dtype)
+            dist.all_to_all_single(ref, x)
+            for impl in impls("all_to_all"):
+                out = all_to_all(torch.empty(p * n, dtype=dtype), x, group, impl=impl)
+                torch.testing.assert_close(out, ref, rtol=0, atol=0, msg=f"all_to_all {impl}")
+            for src in range(p):
+                x = make_input(rank, n, dtype, n + 2)
+                ref = x.clone()
+                dist.broadcast(ref, src)
+                for impl in impls("broadcast"):
+                    got = broadcast(x.clone(), group, src, impl=impl)
+                    torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=f"broadcast {impl}")
+
+
+def check_reduce_scatter(rank: int, p: int, group: CommGroup) -> None:
+    for dtype in DTYPES:
+        for op in ("sum", "avg", "max", "min"):
+            for n in COUNTS:
+                x = make_input(rank, p * n, dtype, n + 3)
+                ref = torch.empty(n, dtype=dtype)
+                if op == "avg" and not dtype.is_floating_point:
+                    dist.reduce_scatter_tensor(ref, x, op=dist.ReduceOp.SUM)
+                    ref.div_(p, rounding_mode="floor")
+                else:
+                    dist.reduce_scatter_tensor(ref, x, op=getattr(dist.ReduceOp, op.upper()))
+                for impl in impls("reduce_scatter"):
+                    out = reduce_scatter(torch.empty(n, dtype=dtype), x, group, op, impl=impl)
+                    msg = f"reduce_scatter {impl} {dtype} {op} n={n}"
+                    torch.testing.assert_close(out, ref, **tolerance(dtype), msg=msg)
+
+
+def check_barrier(rank: int, p: int, group: CommGroup) -> None:
+    for impl in impls("barrier"):
+        dist.barrier()
+        start = time.monotonic()
+        if rank == 0:
+            time.sleep(0.3)  # rank 0 arrives late: nobody may leave before it has arrived
+        barrier(group, impl=impl)
+        waited = time.monotonic() - start
+        assert waited >= 0.2, f"barrier {impl}: rank {rank} left after {waited:.3f}s"
+
+
+def check_everything(rank: int, p: int) -> None:
+    group = make_group()
+    own = [e for e in os.listdir(SHM_DIR) if e.startswith(f"{PREFIX}{os.getpid()}-")]
+    assert not own, f"segments still named in {SHM_DIR} after construction: {own}"
+    check_all_reduce(rank, p, group)
+    check_registered(rank, p, group)
+    check_data_movement(rank, p, group)
+    check_reduce_scatter(rank, p, group)
+    check_barrier(rank, p, group)
+    group.destroy()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_every_algorithm_matches_torch(world_size: int) -> None:
+    run_distributed(check_everything, world_size, timeout_s=600)
