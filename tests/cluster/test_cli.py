@@ -153,3 +153,19 @@ def test_plan_bad_input_exits_2():
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
+
+
+def test_plan_train_from_hf_config(tmp_path):
+    from aiinfra.models.config import get_preset
+
+    get_preset("llama-3-8b").save(tmp_path)
+    out = tmp_path / "p.json"
+    args = ["plan", "train", "--model", str(tmp_path / "config.json"), "--gpu", "a100",
+            "--num-gpus", "16", "--tp", "4", "--pp", "2", "--zero", "1", "--micro-batch", "2",
+            "--global-batch", "64", "--recompute", "selective", "--interleave", "2",
+            "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    best = json.loads(out.read_text())["best"]
+    assert (best["tp"], best["pp"], best["dp"], best["interleave"]) == (4, 2, 2, 2)
+    assert best["sequence_parallel"] and best["zero_stage"] == 1
