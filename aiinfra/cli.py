@@ -244,6 +244,86 @@ def _parse_range(flag: str, text: str) -> tuple[int, int]:
 
 # --- bench comm (owner: comm) ---------------------------------------------------------------------
 
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise ValueError(f"--sizes: {text!r} is not a size like 8, 4K or 64M") from None
+
+
+def _parse_sizes(text: str) -> tuple[int, ...]:
+    """'8,1K,64M' (a list) or '8:256M' (powers of two from 8 B to 256 MiB)."""
+    if ":" in text:
+        lo, hi = (_parse_size(x) for x in text.split(":"))
+        if not 0 < lo <= hi:
+            raise ValueError(f"--sizes ({text!r}) must be LO:HI with 0 < LO <= HI")
+        return tuple(lo << i for i in range((hi // lo).bit_length()) if lo << i <= hi)
+    return tuple(_parse_size(x) for x in text.split(",") if x.strip())
+
+
+@bench_app.command("comm")
+def bench_comm(
+    op: Annotated[str, typer.Option(help="all_reduce, all_gather, reduce_scatter, ...")] = (
+        "all_reduce"
+    ),
+    world_size: Annotated[int, typer.Option(help="Local ranks to spawn (gloo).")] = 2,
+    sizes: Annotated[str, typer.Option(help="Bytes: '8,1K,64M' or 'LO:HI' powers of 2.")] = (
+        "8:256M"
+    ),
+    impl: Annotated[
+        str, typer.Option(help="Comma list: torch (baseline), auto, ALG, ALG@shm, ALG@torch.")
+    ] = "torch,auto",
+    registered: Annotated[
+        bool, typer.Option(help="Our impls use buffers comm allocated in shared memory.")
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    warmup: Annotated[int, typer.Option(help="Untimed calls per size.")] = 3,
+    iters: Annotated[int, typer.Option(help="Timed calls per size (fewer above 16 MiB).")] = 20,
+    calibrate: Annotated[
+        bool, typer.Option(help="Fit the cost model on these ranks first and save it.")
+    ] = False,
+    tuning: Annotated[
+        Path | None, typer.Option(help="Cost-model JSON (default ~/.cache/aiinfra/).")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the rows as JSON.")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG of busbw against size per impl.")] = None,
+) -> None:
+    """Collective benchmark (nccl-tests style) against torch.distributed's own, in the same run."""
+    from aiinfra.comm.bench import BenchConfig, format_table, run_bench, save_plot
+    from aiinfra.comm.tuner import DEFAULT_TUNING_PATH
+
+    try:
+        config = BenchConfig(
+            op=op,
+            world_size=world_size,
+            sizes=_parse_sizes(sizes),
+            impls=tuple(x.strip() for x in impl.split(",") if x.strip()),
+            registered=registered,
+            dtype=dtype,
+            warmup=warmup,
+            iters=iters,
+            calibrate=calibrate,
+            tuning_path=tuning or DEFAULT_TUNING_PATH,
+        )
+        result = run_bench(config)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(format_table(result))
+    if json_path is not None:
+        import json
+        from dataclasses import asdict
+
+        json_path.write_text(json.dumps(asdict(result), indent=2))
+    if plot is not None:
+        save_plot(result, plot)
+
+
 # --- plan (owner: cluster) ------------------------------------------------------------------------
 
 _ModelOpt = Annotated[
@@ -284,7 +364,13 @@ def plan_train(
     ffn_hidden: Annotated[int | None, typer.Option(help="Custom shape: MLP width.")] = None,
     mlp: Annotated[str | None, typer.Option(help="Custom shape: gelu | swiglu.")] = None,
     gpu: Annotated[str, typer.Option(help="GPU (a100, h100, ...) or node type.")] = "h100",
-    num_gpus: Annotated[int, typer.Option(help="GPUs in the cluster.")] = 8,
+    num_gpus: Annotated[
+        str, typer.Option(help="GPUs in the cluster, or sizes to compare: 256,512,1024.")
+    ] = "8",
+    objective: Annotated[str, typer.Option(help="Rank sizes by: time | cost.")] = "time",
+    price_per_gpu_hour: Annotated[
+        float | None, typer.Option(help="Price of a GPU-hour, for the cost column.")
+    ] = None,
     hardware: Annotated[Path | None, typer.Option(help="TOML/JSON of extra hardware.")] = None,
     fabric: Annotated[str, typer.Option(help="rail-optimized | fat-tree.")] = "rail-optimized",
     oversubscription: Annotated[float, typer.Option(help="Leaf down:up ratio.")] = 1.0,
@@ -306,23 +392,44 @@ def plan_train(
     ] = None,
 ) -> None:
     """Memory, step time and MFU of a training layout; searches layouts unless one is fixed."""
-    from aiinfra.cluster.report import plans_table, print_table, resolve_cluster
-    from aiinfra.cluster.search import search
+    from typing import Literal
+
+    from aiinfra.cluster.report import (
+        parse_counts,
+        plans_table,
+        print_table,
+        resolve_cluster,
+        sizes_table,
+    )
+    from aiinfra.cluster.search import compare_sizes, search
     from aiinfra.cluster.training import EstimateOptions, estimate
     from aiinfra.parallel.config import ParallelConfig
 
+    sizes: list = []
     try:
         cfg = _plan_model(model, hidden, layers, heads, kv_heads, vocab, ffn_hidden, mlp)
+        counts = parse_counts(num_gpus)
         cluster = resolve_cluster(
-            gpu, num_gpus, hardware=hardware, fabric=fabric, oversubscription=oversubscription
+            gpu, counts[0], hardware=hardware, fabric=fabric, oversubscription=oversubscription
         )
         options = EstimateOptions(flash_attention=flash_attention)
         batch = global_batch or max(1, 4 * 2**20 // seq_len)  # ~4M tokens per step by default
         fixed = (tp, pp, dp, zero, micro_batch, recompute, interleave)
+        if len(counts) > 1 and any(x is not None for x in fixed):
+            raise ValueError("compare several --num-gpus only without a fixed layout")
+        if len(counts) > 1:
+            goal: Literal["time", "cost"] = "cost" if objective == "cost" else "time"
+            if objective != goal:
+                raise ValueError(f"--objective ({objective!r}) must be 'time' or 'cost'")
+            sizes = compare_sizes(cfg, cluster, counts, batch, seq_len, tokens, goal, options)
+            cluster = resolve_cluster(
+                gpu, sizes[0].num_gpus, hardware=hardware, fabric=fabric,
+                oversubscription=oversubscription,
+            )  # fmt: skip
         if any(x is not None for x in fixed):
             t, p = tp or 1, pp or 1
             layout = ParallelConfig(
-                tp=t, pp=p, dp=dp or max(1, num_gpus // (t * p)), zero_stage=zero or 0,
+                tp=t, pp=p, dp=dp or max(1, counts[0] // (t * p)), zero_stage=zero or 0,
                 micro_batch_size=micro_batch or 1, global_batch_size=batch, seq_len=seq_len,
                 recompute=recompute or "none", interleave=interleave or 1,  # type: ignore[arg-type]
                 sequence_parallel=t > 1,
@@ -331,11 +438,13 @@ def plan_train(
             explanation = "" if plans[0].fits else "this layout does not fit in memory"
             considered = 1
         else:
-            result = search(cfg, cluster, batch, seq_len, options)
+            result = sizes[0].result if sizes else search(cfg, cluster, batch, seq_len, options)
             plans, explanation, considered = result.plans, result.explanation, result.num_considered
     except ValueError as e:
         _fail(str(e))
-    title = f"{num_gpus}x {cluster.node.gpu.name}, {considered} layout(s) considered"
+    if sizes:
+        print_table(sizes_table(sizes, objective, price_per_gpu_hour, tokens))
+    title = f"{cluster.num_gpus}x {cluster.node.gpu.name}, {considered} layout(s) considered"
     print_table(plans_table(plans[:top], title))
     if explanation:
         typer.echo(explanation)
@@ -356,7 +465,8 @@ def plan_train(
     _write_json(
         json_path,
         {"best": best_dict, "explanation": explanation,
-         "layouts": [p.as_dict() for p in plans[:top]]},
+         "layouts": [p.as_dict() for p in plans[:top]],
+         "sizes": [o.as_dict() for o in sizes]},
     )  # fmt: skip
 
 

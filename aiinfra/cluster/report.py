@@ -10,6 +10,7 @@ from rich.table import Table
 
 from aiinfra.cluster.collectives import bus_bandwidth_gbps, collective_time
 from aiinfra.cluster.hardware import CATALOGUE, Catalogue, load_hardware
+from aiinfra.cluster.search import SizeOption
 from aiinfra.cluster.topology import (
     ClusterSpec,
     explain_rail_optimized,
@@ -140,3 +141,34 @@ def cluster_summary(cluster: ClusterSpec) -> dict[str, object]:
         "why_rail_optimized": explain_rail_optimized(cluster),
     }
     return out
+
+
+def parse_counts(text: str) -> list[int]:
+    """`--num-gpus`: one count or a comma-separated list of counts to compare."""
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--num-gpus ({text!r}) must be integers separated by commas") from None
+    if not counts or any(c <= 0 for c in counts):
+        raise ValueError(f"--num-gpus ({text!r}) must be positive")
+    return counts
+
+
+def sizes_table(
+    sizes: list[SizeOption], objective: str, price_per_gpu_hour: float | None, num_tokens: float
+) -> Table:
+    table = Table(title=f"cluster sizes by {objective}, {num_tokens:.3g} tokens")
+    cols = ["GPUs", "best layout", "step s", "MFU", "days", "GPU-hours"]
+    if price_per_gpu_hour is not None:
+        cols.append("cost")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "best layout" else "right")
+    for o in sizes:
+        best = o.result.best
+        row = [str(o.num_gpus), best.parallel.describe() if best else o.result.explanation]
+        row += [f"{best.step_time_s:.3f}", f"{100 * best.mfu:.1f}%"] if best else ["-", "-"]
+        row += [f"{o.days:.1f}", f"{o.gpu_hours:,.0f}"]
+        if price_per_gpu_hour is not None:
+            row.append(f"{o.gpu_hours * price_per_gpu_hour:,.0f}")
+        table.add_row(*row)
+    return table

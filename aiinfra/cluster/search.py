@@ -1,5 +1,6 @@
 """Layout search: enumerate (tp, pp, dp, ZeRO stage, micro-batch, recompute, interleaving), drop
-layouts that do not fit in memory, rank the rest by step time, and say why the winner wins."""
+layouts that do not fit in memory, rank the rest by step time, and say why the winner wins; across
+cluster sizes, rank by days to train or by GPU-hours (cost)."""
 
 from __future__ import annotations
 
@@ -173,3 +174,54 @@ def _reason(term: str, winner: Plan, other: Plan, cluster: ClusterSpec) -> str:
 
 def _fmt(seconds: float) -> str:
     return f"{seconds * 1e3:.0f} ms" if abs(seconds) < 1 else f"{seconds:.2f} s"
+
+
+@dataclass(slots=True)
+class SizeOption:
+    """The best layout on one cluster size, and what training `num_tokens` on it takes."""
+
+    num_gpus: int
+    result: SearchResult
+    days: float  # inf when nothing fits
+    gpu_hours: float
+
+    def as_dict(self) -> dict[str, object]:
+        best = self.result.best
+        return {
+            "num_gpus": self.num_gpus,
+            "days_to_train": self.days,
+            "gpu_hours": self.gpu_hours,
+            "best": best.as_dict() if best else None,
+        }
+
+
+def compare_sizes(
+    model: ModelConfig,
+    cluster: ClusterSpec,
+    gpu_counts: list[int],
+    global_batch_size: int,
+    seq_len: int,
+    num_tokens: float,
+    objective: Literal["time", "cost"] = "time",
+    options: EstimateOptions | None = None,
+) -> list[SizeOption]:
+    """Which cluster: search each size of `cluster`'s node type and rank the sizes by days to
+    train (`time`) or by GPU-hours (`cost`: price is GPU-hours times the hourly rate). Sizes where
+    nothing fits or the batch admits no layout come last."""
+    if objective not in ("time", "cost"):
+        raise ValueError(f"objective ({objective!r}) must be 'time' or 'cost'")
+    options_out = []
+    for n in gpu_counts:
+        sized = ClusterSpec.for_gpus(
+            cluster.node, n, fabric=cluster.fabric, oversubscription=cluster.oversubscription,
+            switch_radix=cluster.switch_radix,
+            storage_bandwidth_gbps=cluster.storage_bandwidth_gbps,
+        )  # fmt: skip
+        try:
+            result = search(model, sized, global_batch_size, seq_len, options)
+        except ValueError as e:
+            result = SearchResult([], 0, 0, explanation=str(e))
+        days = result.best.days_to_train(num_tokens) if result.best else float("inf")
+        options_out.append(SizeOption(n, result, days, days * 24 * n))
+    key = (lambda o: o.days) if objective == "time" else (lambda o: o.gpu_hours)
+    return sorted(options_out, key=key)

@@ -169,3 +169,29 @@ def test_plan_train_from_hf_config(tmp_path):
     best = json.loads(out.read_text())["best"]
     assert (best["tp"], best["pp"], best["dp"], best["interleave"]) == (4, 2, 2, 2)
     assert best["sequence_parallel"] and best["zero_stage"] == 1
+
+
+def test_plan_train_compares_sizes(tmp_path):
+    out = tmp_path / "s.json"
+    args = [
+        "plan",
+        "train",
+        "--model",
+        "llama-3-8b",
+        "--num-gpus",
+        "16,64",
+        "--objective",
+        "cost",
+        "--price-per-gpu-hour",
+        "2",
+        "--global-batch",
+        "256",
+        "--json",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [s["num_gpus"] for s in data["sizes"]] == [16, 64]
+    assert data["best"]["tp"] * data["best"]["pp"] * data["best"]["dp"] == 16
+    assert "GPU-hours" in result.output

@@ -4,7 +4,7 @@ survive, and the explanation names the term that decides."""
 import pytest
 
 from aiinfra.cluster.hardware import get_node
-from aiinfra.cluster.search import candidate_layouts, explain, search
+from aiinfra.cluster.search import candidate_layouts, compare_sizes, explain, search
 from aiinfra.cluster.topology import ClusterSpec
 from aiinfra.cluster.training import estimate
 from aiinfra.models.config import ModelConfig, get_preset
@@ -47,3 +47,24 @@ def test_explanation_names_nvlink_when_tp_crosses_nodes():
     assert tp8.step_time_s < tp16.step_time_s
     text = explain(tp8, tp16, cluster)
     assert "tp=8 keeps TP traffic on NVLink" in text
+
+
+def test_compare_sizes_time_vs_cost():
+    model = get_preset("llama-3-8b")
+    cluster = ClusterSpec.for_gpus(get_node("h100"), 8)
+    by_time = compare_sizes(model, cluster, [16, 64, 256], 512, 4096, 1e12, "time")
+    by_cost = compare_sizes(model, cluster, [16, 64, 256], 512, 4096, 1e12, "cost")
+    # more GPUs finish sooner but scale sub-linearly, so they cost more GPU-hours
+    assert [o.num_gpus for o in by_time] == [256, 64, 16]
+    assert [o.num_gpus for o in by_cost] == [16, 64, 256]
+    for o in by_time:
+        best = search(model, ClusterSpec.for_gpus(get_node("h100"), o.num_gpus), 512, 4096).best
+        assert o.days == pytest.approx(1e12 / best.tokens_per_s / 86400)
+        assert o.gpu_hours == pytest.approx(o.days * 24 * o.num_gpus)
+    # a size whose data-parallel degree cannot split the batch comes last, with the reason
+    odd = compare_sizes(model, cluster, [1024, 8], 3, 4096, 1e12)
+    assert [o.num_gpus for o in odd] == [8, 1024]  # 1024 GPUs cannot split a batch of 3
+    assert odd[-1].result.best is None and odd[-1].days == float("inf")
+    assert "global_batch_size" in odd[-1].result.explanation
+    with pytest.raises(ValueError, match="objective"):
+        compare_sizes(model, cluster, [8], 8, 4096, 1e12, "speed")  # type: ignore[arg-type]
