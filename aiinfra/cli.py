@@ -77,25 +77,27 @@ def generate(
     prompt_ids: Annotated[str | None, typer.Option(help="Prompt token ids, e.g. 1,2,3.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
     ignore_eos: Annotated[bool, typer.Option(help="Keep generating past EOS.")] = False,
+    kv_cache_memory: Annotated[str, typer.Option(help="KV cache budget, e.g. 256MiB.")] = "256MiB",
 ) -> None:
-    """Offline greedy generation."""
-    from aiinfra.models import generate_greedy, load_model, load_tokenizer
+    """Offline greedy generation on the engine (paged KV cache)."""
+    from aiinfra.infer import LLM, SamplingParams
 
     if (prompt is None) == (prompt_ids is None):
         _fail("give exactly one of --prompt and --prompt-ids")
     if max_tokens <= 0:
         _fail(f"--max-tokens ({max_tokens}) must be positive")
     try:
-        llm, config = load_model(model)
-        tokenizer = load_tokenizer(model)
-        ids = _parse_ids(prompt_ids) if prompt_ids is not None else tokenizer.encode(prompt or "")
+        llm = LLM(model, kv_cache_memory=kv_cache_memory)
+        ids = (
+            _parse_ids(prompt_ids) if prompt_ids is not None else llm.tokenizer.encode(prompt or "")
+        )
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+        out = llm.generate([ids], params, use_tqdm=False)[0].outputs[0]
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    eos = None if ignore_eos else config.eos_token_id
-    out = generate_greedy(llm, ids, max_tokens, eos_token_id=eos)
     typer.echo(f"prompt_token_ids: {','.join(map(str, ids))}")
-    typer.echo(f"output_token_ids: {','.join(map(str, out))}")
-    typer.echo(f"text: {tokenizer.decode(out)!r}")
+    typer.echo(f"output_token_ids: {','.join(map(str, out.token_ids))}")
+    typer.echo(f"text: {out.text!r}")
 
 
 # --- serve (owner: serve) -------------------------------------------------------------------------
@@ -455,6 +457,8 @@ def plan_train(
             f"checkpoint write {best.checkpoint_write_s:.0f} s; a DPU would free "
             f"{100 * best.host_cpu.dpu_freed_share:.1f}% of the host CPU"
         )
+        if best.notes:
+            typer.echo("notes: " + "; ".join(best.notes))
     if plot is not None and plans:
         from aiinfra.cluster.plots import plot_layouts
 

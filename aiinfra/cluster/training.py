@@ -431,7 +431,7 @@ def estimate(
     hw_flops, model_flops = step_flops(model, parallel)
     gpu = cluster.node.gpu
     capacity = gpu.memory_bytes
-    return Plan(
+    plan = Plan(
         parallel=parallel,
         memory=memory,
         time=time,
@@ -444,6 +444,23 @@ def estimate(
         host_cpu=host_cpu(cluster),
         fits=memory.total <= capacity * options.usable_memory_fraction,
     )
+    plan.notes = _notes(plan, cluster, capacity * options.usable_memory_fraction)
+    return plan
+
+
+def _notes(plan: Plan, cluster: ClusterSpec, usable: float) -> list[str]:
+    """What a reader of the plan should know first: memory, bubble, traffic off NVLink."""
+    p, t, gpn = plan.parallel, plan.time, cluster.node.num_gpus
+    notes = []
+    if not plan.fits:
+        notes.append(f"needs {plan.memory.total / GB:.1f} GB per GPU, {usable / GB:.1f} GB usable")
+    if p.tp > gpn:
+        notes.append(f"tp={p.tp} spans {p.tp // gpn} nodes: TP all-reduces cross the network")
+    for name, value in (("pipeline bubble", t.bubble), ("exposed gradient sync", t.dp_comm),
+                        ("TP communication", t.tp_comm)):  # fmt: skip
+        if value > 0.05 * t.total:
+            notes.append(f"{name} is {100 * value / t.total:.0f}% of the step")
+    return notes
 
 
 def checkpoint_write_time(

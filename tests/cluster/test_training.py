@@ -186,3 +186,15 @@ def test_bad_layouts_raise():
         estimate(model, ParallelConfig(dp=1, tp=4, pp=16, seq_len=2048), cluster)
     with pytest.raises(ValueError, match="dtype"):
         EstimateOptions(dtype="fp4")  # type: ignore[arg-type]
+
+
+def test_notes_flag_tp_across_nodes_and_memory():
+    model = get_preset("gpt3-175b")
+    cluster = ClusterSpec.for_gpus(get_node("a100"), 1024)
+    wide = ParallelConfig(tp=16, pp=8, dp=8, global_batch_size=1536, seq_len=2048,
+                          recompute="full", sequence_parallel=True)  # fmt: skip
+    notes = estimate(model, wide, cluster).notes
+    assert any("tp=16 spans 2 nodes" in n for n in notes)
+    flat = ParallelConfig(tp=8, dp=128, global_batch_size=1536, seq_len=2048)
+    plan = estimate(model, flat, cluster)
+    assert not plan.fits and plan.notes[0].startswith("needs")
