@@ -14,9 +14,10 @@ from aiinfra.cluster.hardware import (
     load_hardware,
 )
 from aiinfra.cluster.inference import ServingConfig, ServingPlan, plan_serving
+from aiinfra.cluster.plan import Plan
 from aiinfra.cluster.search import SearchResult, search
 from aiinfra.cluster.topology import ClusterSpec, hops_between, size_topology
-from aiinfra.cluster.training import EstimateOptions, Plan, estimate
+from aiinfra.cluster.training import EstimateOptions, estimate
 
 __all__ = [
     "CATALOGUE",
