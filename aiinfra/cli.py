@@ -466,9 +466,11 @@ def plan_train(
     best_dict = plans[0].as_dict() if plans else None
     if best_dict is not None:
         best_dict["days_to_train"] = plans[0].days_to_train(tokens)
+    headline = ("layout", "tflops_per_gpu", "mfu", "step_time_s", "memory_gb_per_gpu", "fits")
+    top_level = {k: best_dict[k] for k in headline} if best_dict else {}
     _write_json(
         json_path,
-        {"best": best_dict, "explanation": explanation,
+        {**top_level, "best": best_dict, "explanation": explanation,
          "layouts": [p.as_dict() for p in plans[:top]],
          "sizes": [o.as_dict() for o in sizes]},
     )  # fmt: skip
