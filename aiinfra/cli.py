@@ -495,13 +495,14 @@ def plan_infer(
     tpot_ms: Annotated[float, typer.Option(help="Time-per-output-token target.")] = 50.0,
     fp8: Annotated[bool, typer.Option(help="fp8 weights and KV cache.")] = False,
     hardware: Annotated[Path | None, typer.Option(help="TOML/JSON of extra hardware.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="TPOT and tokens/s vs batch (PNG).")] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write JSON ('-' for stdout).")
     ] = None,
 ) -> None:
     """KV capacity, prefill/decode roofline, tokens/s per replica and replicas for a load."""
-    from aiinfra.cluster.inference import ServingConfig, plan_serving
-    from aiinfra.cluster.report import resolve_cluster
+    from aiinfra.cluster.inference import ServingConfig, plan_serving, serving_curve
+    from aiinfra.cluster.report import print_table, resolve_cluster, summary_table
 
     try:
         cfg = _plan_model(model, hidden, layers, heads, kv_heads, vocab, ffn_hidden, mlp)
@@ -515,9 +516,12 @@ def plan_infer(
     except ValueError as e:
         _fail(str(e))
     d = plan.as_dict()
-    for key, value in d.items():
-        shown = f"{value:,.4g}" if isinstance(value, float) else value
-        typer.echo(f"{key:>22}: {shown}")
+    print_table(summary_table(f"{cfg.num_params() / 1e9:.1f}B on {tp}x {cluster.node.gpu.name}", d))
+    if plot is not None:
+        from aiinfra.cluster.plots import plot_serving
+
+        curve = serving_curve(cfg, cluster, serving)
+        plot_serving(curve, plan.batch_size, serving.tpot_s, plot)
     _write_json(json_path, d)
 
 
@@ -535,7 +539,7 @@ def plan_cluster(
     ] = None,
 ) -> None:
     """Size a cluster network: switches, cables, bisection, hops, collective bandwidth."""
-    from aiinfra.cluster.report import cluster_summary, resolve_cluster
+    from aiinfra.cluster.report import cluster_summary, print_table, resolve_cluster, summary_table
 
     try:
         cluster = resolve_cluster(
@@ -545,9 +549,7 @@ def plan_cluster(
         summary = cluster_summary(cluster)
     except ValueError as e:
         _fail(str(e))
-    for key, value in summary.items():
-        shown = f"{value:,.4g}" if isinstance(value, float) else value
-        typer.echo(f"{key:>34}: {shown}")
+    print_table(summary_table(f"{cluster.num_gpus}x {cluster.node.name}, {fabric}", summary))
     if plot is not None:
         from aiinfra.cluster.plots import draw_topology
 

@@ -156,3 +156,19 @@ def plan_serving(model: ModelConfig, cluster: ClusterSpec, config: ServingConfig
         tpot_s=tpot,
         meets_targets=meets,
     )
+
+
+def serving_curve(
+    model: ModelConfig, cluster: ClusterSpec, config: ServingConfig
+) -> list[tuple[int, float, float]]:
+    """(batch, TPOT s, output tokens/s per replica) for powers-of-two batches up to the KV limit."""
+    context = config.prompt_len + config.output_len
+    cap = min(max_concurrent_seqs(model, cluster, config, context), config.max_batch_size)
+    prefill = prefill_time(model, cluster, config)
+    curve = []
+    batch = 1
+    while batch <= cap:
+        tpot = decode_step_time(model, cluster, config, batch) + prefill / config.output_len
+        curve.append((batch, tpot, batch / tpot))
+        batch *= 2
+    return curve

@@ -105,3 +105,28 @@ def plot_layouts(plans: list[Plan], path: str | Path, top: int = 10) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_serving(
+    curve: list[tuple[int, float, float]], chosen: int, tpot_s: float, path: str | Path
+) -> None:
+    """TPOT and output tokens/s per replica against the decode batch, with the TPOT target and the
+    batch the planner chose; `curve` holds (batch, tpot_s, tokens_per_s)."""
+    batches = [c[0] for c in curve]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(batches, [1e3 * c[1] for c in curve], color="tab:blue", label="TPOT (ms)")
+    ax.axhline(1e3 * tpot_s, color="tab:blue", ls="--", lw=0.8, label="TPOT target")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequences decoded together")
+    ax.set_ylabel("TPOT (ms)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(batches, [c[2] for c in curve], color="tab:orange", label="tokens/s per replica")
+    ax2.set_ylabel("output tokens/s per replica", color="tab:orange")
+    if chosen:
+        ax.axvline(chosen, color="k", lw=0.8)
+        ax.text(chosen, ax.get_ylim()[1], f" batch {chosen}", va="top", fontsize=8)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -132,8 +132,8 @@ def cluster_summary(cluster: ClusterSpec) -> dict[str, object]:
         "cables": sizing.num_cables,
         "bisection_bandwidth_gbps": sizing.bisection_bandwidth_gbps,
         "nodes_per_leaf_domain": sizing.leaf_domain_nodes,
-        "hops_gpu0_to_last": "{} switches ({})".format(*hops_between(cluster, 0, far)),
-        "hops_gpu0_to_same_rail": "{} switches ({})".format(*hops_between(cluster, 0, same_rail)),
+        "hops_gpu0_to_last": _route(*hops_between(cluster, 0, far)),
+        "hops_gpu0_to_same_rail": _route(*hops_between(cluster, 0, same_rail)),
         "all_reduce_busbw_node_gbps": bus_bandwidth_gbps("all_reduce", size, gpn, intra),
         "all_reduce_busbw_cluster_gbps": bus_bandwidth_gbps("all_reduce", size, n, whole)
         if n > gpn
@@ -172,3 +172,18 @@ def sizes_table(
             row.append(f"{o.gpu_hours * price_per_gpu_hour:,.0f}")
         table.add_row(*row)
     return table
+
+
+def summary_table(title: str, values: dict[str, object]) -> Table:
+    table = Table(title=title)
+    table.add_column("quantity")
+    table.add_column("value", overflow="fold")
+    for key, value in values.items():
+        table.add_row(
+            key.replace("_", " "), f"{value:,.4g}" if isinstance(value, float) else str(value)
+        )
+    return table
+
+
+def _route(num_switches: int, path: str) -> str:
+    return f"{num_switches} switch{'' if num_switches == 1 else 'es'} ({path})"

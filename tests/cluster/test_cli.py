@@ -123,10 +123,13 @@ def test_plan_cluster_infer_pipeline(tmp_path):
             "h100",
             "--json",
             str(tmp_path / "i.json"),
+            "--plot",
+            str(tmp_path / "serve.png"),
         ],
     )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "i.json").read_text())["kv_bytes_per_token"] == 131072
+    assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
     result = runner.invoke(
         app,
         [

@@ -12,6 +12,7 @@ from aiinfra.cluster.inference import (
     max_concurrent_seqs,
     plan_serving,
     prefill_time,
+    serving_curve,
 )
 from aiinfra.cluster.topology import ClusterSpec
 from aiinfra.models.config import get_preset
@@ -69,3 +70,17 @@ def test_plan_serving_replicas_scale_with_rate():
         plan_serving(model, cluster, ServingConfig(tp=16))
     with pytest.raises(ValueError, match="request_rate"):
         ServingConfig(request_rate=0)
+
+
+def test_serving_curve_agrees_with_plan():
+    model = get_preset("llama-3-70b")
+    cluster = ClusterSpec(node=get_node("h100"), num_nodes=1)
+    cfg = ServingConfig(tp=8, max_batch_size=256)
+    curve = serving_curve(model, cluster, cfg)
+    plan = plan_serving(model, cluster, cfg)
+    assert [c[0] for c in curve] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    tpots = [c[1] for c in curve]
+    assert tpots == sorted(tpots)  # a bigger batch never decodes faster per token
+    last = curve[-1]
+    assert plan.batch_size == 256 and plan.tpot_s == pytest.approx(last[1])
+    assert plan.tokens_per_s == pytest.approx(last[2])
