@@ -136,7 +136,7 @@ def workload_flops(config: ModelConfig, requests: list[dict]) -> float:
 
 
 def measure_matmul_flops(seconds: float = 2.0) -> float:
-    """fp32 GEMM FLOP/s of this machine at the engine's prefill shape ([4096, 512] x [512, 1408])."""
+    """fp32 GEMM FLOP/s of this machine at a prefill shape ([4096, 512] x [512, 1408])."""
     a, b = torch.randn(4096, 512), torch.randn(512, 1408)
     torch.mm(a, b)
     n, t0 = 0, time.perf_counter()

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -68,7 +69,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len ({self.max_model_len}) must be positive")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads ({self.num_threads}) must be positive")
-        self.scheduler  # validates max_num_seqs / max_num_batched_tokens
+        _ = self.scheduler  # validates max_num_seqs / max_num_batched_tokens
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -247,7 +248,7 @@ class LLMEngine:
         sampled = self.model_runner.run(batch)
         progressed = self.scheduler.update(batch, sampled.token_ids)
         if sampled.logprobs is not None:
-            for seq, lp in zip(progressed, sampled.logprobs):
+            for seq, lp in zip(progressed, sampled.logprobs, strict=True):
                 if lp is not None and seq.logprobs is not None:
                     seq.logprobs.append(lp)
         self.generation_tokens_total += len(progressed)
@@ -354,14 +355,20 @@ class LLM:
             raise ValueError(
                 f"params has {len(params)} entries for {len(prompts)} prompts; give one or as many"
             )
-        ids = []
-        for i, p in enumerate(prompts):
-            rid = f"offline-{next(self._ids)}"
-            prompt_ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
-            self.engine.add_request(
-                rid, prompt_ids, params[i] if isinstance(params, list) else params
-            )
-            ids.append(rid)
+        ids: list[str] = []
+        try:
+            for i, p in enumerate(prompts):
+                prompt_ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+                ids.append(f"offline-{next(self._ids)}")
+                self.engine.add_request(
+                    ids[-1],
+                    cast(list[int], prompt_ids),
+                    params[i] if isinstance(params, list) else params,
+                )
+        except (ValueError, TypeError):
+            for rid in ids:  # all or nothing: a bad prompt leaves no request behind
+                self.engine.abort_request(rid)
+            raise
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:

@@ -47,13 +47,16 @@ class ModelRunner:
         seq_lens = starts + nums
         if N == S:  # one token per sequence (decodes): skip the slicing
             ids = np.fromiter(
-                (s.token_ids[a] for s, a in zip(seqs, starts.tolist())), dtype=np.int64, count=S
+                (s.token_ids[a] for s, a in zip(seqs, starts.tolist(), strict=True)),
+                dtype=np.int64,
+                count=S,
             )
             positions = starts
             seq_index = np.arange(S)
         else:
             chunks = (
-                s.token_ids[a : a + n] for s, a, n in zip(seqs, starts.tolist(), nums.tolist())
+                s.token_ids[a : a + n]
+                for s, a, n in zip(seqs, starts.tolist(), nums.tolist(), strict=True)
             )
             ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=N)
             seq_index = np.repeat(np.arange(S), nums)
@@ -95,7 +98,7 @@ class ModelRunner:
     def run(self, batch: Batch) -> SamplerOutput:
         """One step: token ids for the sampling sequences, in batch order."""
         logits = self.compute_logits(batch)
-        sampling = [s for s, flag in zip(batch.seqs, batch.is_sampling) if flag]
+        sampling = [s for s, flag in zip(batch.seqs, batch.is_sampling, strict=True) if flag]
         if not sampling:
             return SamplerOutput([], None)
         return self.sampler(logits, sampling)

@@ -31,43 +31,48 @@ class Sampler:
         params = [s.params for s in seqs]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if any(p.has_penalties for p in params):
-            logits = apply_penalties(logits, seqs)
-        if any(p.min_tokens for p in params):
-            logits = _mask_early_stops(logits, seqs)
+        logits = process_logits(logits, seqs)
         is_greedy = [p.is_greedy for p in params]
         if all(is_greedy):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._draw(logits, seqs, is_greedy)
-        token_ids = tokens.tolist()
+            probs = filtered_probs(logits, seqs)
+            noise = torch.empty_like(probs).exponential_()
+            for i, s in enumerate(seqs):
+                if s.generator is not None:
+                    noise[i] = torch.empty_like(noise[i]).exponential_(generator=s.generator)
+            # Exp(1) can round to 0; a zero-probability token must still lose (0 / tiny = 0)
+            sampled = (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)
+            greedy = torch.tensor(is_greedy, device=logits.device)
+            tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
         lps = None
         if raw_logprobs is not None:
             lps = _gather_logprobs(raw_logprobs, tokens, seqs)
-        return SamplerOutput(token_ids, lps)
+        return SamplerOutput(tokens.tolist(), lps)
 
-    def _draw(
-        self, logits: torch.Tensor, seqs: list[Sequence], is_greedy: list[bool]
-    ) -> torch.Tensor:
-        M, V = logits.shape
-        dev = logits.device
-        params = [s.params for s in seqs]
-        temps = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)
-        probs = filter_probs(
-            probs,
-            min_p=[p.min_p for p in params],
-            top_k=[p.top_k for p in params],
-            top_p=[p.top_p for p in params],
-        )
-        noise = torch.empty_like(probs).exponential_()
-        for i, s in enumerate(seqs):
-            if s.generator is not None:
-                noise[i] = torch.empty(V, device=dev).exponential_(generator=s.generator)
-        # Exp(1) can round to 0; a zero-probability token must still lose (0 / tiny = 0)
-        sampled = (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)
-        greedy = torch.tensor(is_greedy, device=dev)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Penalties and min_tokens: the logits greedy rows take the argmax of."""
+    params = [s.params for s in seqs]
+    if any(p.has_penalties for p in params):
+        logits = apply_penalties(logits, seqs)
+    if any(p.min_tokens for p in params):
+        logits = _mask_early_stops(logits, seqs)
+    return logits
+
+
+def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Temperature, then min_p / top_k / top_p: the (unnormalized) distribution a row draws from.
+    Greedy rows are computed at temperature 1 and ignored by the caller."""
+    params = [s.params for s in seqs]
+    temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+    probs = torch.softmax(logits / temps[:, None], dim=-1)
+    return filter_probs(
+        probs,
+        min_p=[p.min_p for p in params],
+        top_k=[p.top_k for p in params],
+        top_p=[p.top_p for p in params],
+    )
 
 
 def filter_probs(
@@ -116,13 +121,13 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits - freq * out_counts - pres * (out_counts > 0).float()
 
 
-def _token_counts(rows: list[list[int]], V: int, device: torch.device) -> torch.Tensor:
+def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     flat = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum()))
-    index = torch.from_numpy(np.repeat(np.arange(len(rows)) * V, lengths) + flat).to(device)
-    counts = torch.zeros(len(rows) * V, device=device)
+    index = torch.from_numpy(np.repeat(np.arange(len(rows)) * vocab, lengths) + flat).to(device)
+    counts = torch.zeros(len(rows) * vocab, device=device)
     counts.index_add_(0, index, torch.ones(index.shape[0], device=device))
-    return counts.view(len(rows), V)
+    return counts.view(len(rows), vocab)
 
 
 def _mask_early_stops(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -156,7 +161,7 @@ def _gather_logprobs(
             continue
         d = {tok_list[i]: chosen[i]}
         if k and top_i is not None and top_v is not None:
-            for t, v in zip(top_i[i][:k], top_v[i][:k]):
+            for t, v in zip(top_i[i][:k], top_v[i][:k], strict=True):
                 d.setdefault(t, v)
         out.append(d)
     return out

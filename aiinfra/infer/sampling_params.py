@@ -45,9 +45,10 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty ({self.repetition_penalty}) must be positive")
         if self.seed is not None:
             _check_int("seed", self.seed, lo=None)
-        if self.stop is not None:
-            if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-                raise TypeError(f"stop ({self.stop!r}) must be a list of non-empty strings")
+        if self.stop is not None and (
+            isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop)
+        ):
+            raise TypeError(f"stop ({self.stop!r}) must be a list of non-empty strings")
         if self.stop_token_ids is not None:
             for t in self.stop_token_ids:
                 _check_int("stop_token_ids", t, lo=0)

@@ -94,7 +94,9 @@ class Scheduler:
         by_id = {s.seq_id: s for s in self.running}
         seqs = [by_id[i] for i in scheduled]
         nums = list(scheduled.values())
-        sampling = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, nums)]
+        sampling = [
+            s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, nums, strict=True)
+        ]
         self.num_preemptions += num_preempted
         return Batch(seqs, nums, sampling, num_preempted)
 
@@ -130,7 +132,9 @@ class Scheduler:
         progressed: list[Sequence] = []
         it = iter(token_ids)
         bm = self.block_manager
-        for seq, n, sampling in zip(batch.seqs, batch.num_scheduled_tokens, batch.is_sampling):
+        for seq, n, sampling in zip(
+            batch.seqs, batch.num_scheduled_tokens, batch.is_sampling, strict=True
+        ):
             seq.num_computed_tokens += n
             bm.cache_blocks(seq)
             if not sampling:

@@ -67,9 +67,7 @@ def test_chunked_prefill_keeps_greedy_outputs(tiny_dir, reference, monkeypatch):
     step = llm.engine.step
 
     def spy():
-        batch_sizes = [
-            s.num_tokens - s.num_computed_tokens for s in llm.engine.scheduler.running
-        ]
+        batch_sizes = [s.num_tokens - s.num_computed_tokens for s in llm.engine.scheduler.running]
         chunks.append(batch_sizes)
         return step()
 
@@ -97,9 +95,7 @@ def test_everything_at_once(tiny_dir, reference):
     """Preemption, chunking and prefix hits in one run, with prompts of every length."""
     prompts = _prompts(4, 10, 1, 50)
     prompts += [prompts[0] + prompts[1], prompts[2][:9]]
-    llm = LLM(
-        tiny_dir, block_size=4, kv_cache_memory=30 * BLOCK_BYTES, max_num_batched_tokens=16
-    )
+    llm = LLM(tiny_dir, block_size=4, kv_cache_memory=30 * BLOCK_BYTES, max_num_batched_tokens=16)
     _check_against_loop(llm, reference, prompts, 16)
     stats = llm.engine.get_stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hit_rate > 0
@@ -238,3 +234,28 @@ def test_engine_config_validation(tiny_dir):
         EngineConfig(model=tiny_dir, dtype="int8")
     with pytest.raises(ValueError, match="max_model_len"):
         LLMEngine(EngineConfig(model=tiny_dir, max_model_len=10**6))
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(tiny_dir):
+    llm = LLM(tiny_dir, kv_cache_memory="4MiB")
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    mixed = (
+        llm.generate([[9, 9], [1, 2, 3], [4] * 30], [others, params, others], use_tqdm=False)[1]
+        .outputs[0]
+        .token_ids
+    )
+    assert alone == mixed
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=8, max_tokens=16, ignore_eos=True)
+    assert llm.generate([[1, 2, 3]], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_llm_generate_text_prompts_and_params_list(tiny_dir, reference):
+    llm = LLM(tiny_dir, kv_cache_memory="4MiB")
+    outs = llm.generate(["hello", "hi"], [_greedy(4), _greedy(2)], use_tqdm=False)
+    assert outs[0].prompt_token_ids == list(b"hello")
+    assert [len(o.outputs[0].token_ids) for o in outs] == [4, 2]
+    assert outs[1].outputs[0].token_ids == generate_greedy(reference, list(b"hi"), 2)
+    with pytest.raises(ValueError, match="params"):
+        llm.generate(["a", "b"], [_greedy(1)], use_tqdm=False)

@@ -1,0 +1,69 @@
+"""`aiinfra generate` runs on the engine and equals the no-cache greedy loop; `bench serve --model`
+writes its JSON."""
+
+import json
+
+from typer.testing import CliRunner
+
+from aiinfra.cli import app
+from aiinfra.models import generate_greedy, load_model
+
+
+def test_generate_equals_the_greedy_loop(tiny_dir):
+    model, config = load_model(tiny_dir)
+    for prompt, extra in (([5, 6, 7, 8], []), ([1, 2], ["--ignore-eos"])):
+        result = CliRunner().invoke(
+            app,
+            [
+                "generate",
+                tiny_dir,
+                "--prompt-ids",
+                ",".join(map(str, prompt)),
+                "--max-tokens",
+                "12",
+                *extra,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        line = next(x for x in result.output.splitlines() if x.startswith("output_token_ids"))
+        ids = [int(t) for t in line.split(":")[1].split(",")]
+        eos = None if extra else config.eos_token_id
+        assert ids == generate_greedy(model, prompt, 12, eos_token_id=eos)
+
+
+def test_generate_rejects_out_of_vocabulary_ids(tiny_dir):
+    result = CliRunner().invoke(app, ["generate", tiny_dir, "--prompt-ids", "1,100000"])
+    assert result.exit_code == 2 and "100000" in result.output
+
+
+def test_bench_serve_offline_json(tiny_dir, tmp_path):
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "serve",
+            "--model",
+            tiny_dir,
+            "--num-prompts",
+            "6",
+            "--input-len",
+            "4,20",
+            "--output-len",
+            "2,6",
+            "--vocab",
+            "256",
+            "--baseline",
+            "hf",
+            "--hf-batch-size",
+            "4",
+            "--kv-cache-memory",
+            "4MiB",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["output_tokens"] == r["baseline"]["output_tokens"]
+    assert r["output_tok_per_s"] > 0 and r["ratio"] > 0
