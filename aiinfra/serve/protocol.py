@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aiinfra.infer.sampling_params import SamplingParams
 
-# torch.Generator.manual_seed accepts exactly this range; a seed outside it would fail inside a step
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# int64, as OpenAI's `seed`: the engine seeds choice i with seed + i, and manual_seed takes
+# [-2**63, 2**64 - 1], so any n <= MAX_N stays in range (outside it the add would fail)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # OpenAI's bound on `n`; without one, one request could ask for a million sequences
 
 

@@ -327,10 +327,10 @@ def run_server(
     config = ServerConfig(
         served_model_name=served_model_name or model, api_key=api_key, max_waiting=max_waiting
     )
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt)
     engine = LLMEngine(
         EngineConfig(model=model, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs)
     )
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt)
     logger.info("serving %s on http://%s:%d", config.served_model_name, host, port)
     uvicorn.run(build_app(engine, config), host=host, port=port, log_level="warning")

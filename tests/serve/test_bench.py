@@ -1,4 +1,4 @@
-"""The online benchmark: arrivals, summaries against numpy and formulas, a run against our server."""
+"""The online benchmark: arrivals, summaries against numpy and formulas, a run on our server."""
 
 from __future__ import annotations
 

@@ -40,6 +40,8 @@ def assert_openai_error(r: httpx.Response, status: int, param: str | None = None
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"logprobs": 21}, "logprobs"),
         ({"n": 0}, "n"),
+        ({"n": 129}, "n"),  # OpenAI's bound: one request cannot ask for unbounded sequences
+        ({"seed": 2**63}, "seed"),  # beyond int64: torch.Generator would reject seed + i
         ({"stop": [""]}, "stop"),
         ({"max_tokens": MAX_MODEL_LEN}, "prompt"),  # prompt + max_tokens beyond the context
         ({"prompt": ""}, "prompt"),
