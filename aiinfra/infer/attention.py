@@ -8,13 +8,23 @@ fast paths (C++/OpenMP on CPU, Triton on CUDA) keep its signature and are tested
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
+import platform
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+# query tokens per C++ work item: rows x head_dim accumulators stay in L1 while a K/V tile is reused
+CPU_TILE_TOKENS = 16
 
 _DTYPES = {
     "float32": torch.float32,
@@ -58,18 +68,20 @@ def _to_dtype(dtype: torch.dtype | str) -> torch.dtype:
 class KVCache:
     """Owns the paged K/V tensors of all layers.
 
-    One tensor [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]: for a layer, K
-    (index 0) and V (index 1) are contiguous pools in which one kv head's block is a contiguous
-    [block_size, head_dim] tile, so a kernel walking a sequence's blocks for one head streams.
+    One tensor [num_layers, 2, num_blocks, num_kv_heads, block_size * head_dim]: per layer, K (index
+    0) and V (index 1) are pools in which one kv head's block is one contiguous tile, so a kernel
+    walking a sequence's blocks for one head streams memory. V tiles are [block_size, head_dim];
+    K tiles are transposed, [head_dim, block_size], so a block's q.k scores are head_dim FMAs over
+    block_size-wide vectors with no horizontal sums (the layout of vLLM's CPU kernel in spirit).
     Slot s of the pool is (block s // block_size, offset s % block_size).
     """
 
-    def __init__(self, kv: torch.Tensor) -> None:
-        assert kv.dim() == 6 and kv.shape[1] == 2
+    def __init__(self, kv: torch.Tensor, block_size: int, head_dim: int) -> None:
+        assert kv.dim() == 5 and kv.shape[1] == 2 and kv.shape[4] == block_size * head_dim
         self.kv = kv
-        self.num_layers, _, self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim = (
-            kv.shape
-        )
+        self.num_layers, _, self.num_blocks, self.num_kv_heads, _ = kv.shape
+        self.block_size = block_size
+        self.head_dim = head_dim
 
     @property
     def dtype(self) -> torch.dtype:
@@ -108,16 +120,22 @@ class KVCache:
         ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} ({value!r}) must be a positive int")
-        shape = (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim)
+        shape = (num_layers, 2, num_blocks, num_kv_heads, block_size * head_dim)
         # zeros, not empty: padded block-table entries point at block 0; keep it finite
-        return cls(torch.zeros(shape, dtype=_to_dtype(dtype), device=device))
+        kv = torch.zeros(shape, dtype=_to_dtype(dtype), device=device)
+        return cls(kv, block_size, head_dim)
 
     def key_cache(self, layer_idx: int) -> torch.Tensor:
-        """[num_blocks, num_kv_heads, block_size, head_dim], a view."""
-        return self.kv[layer_idx, 0]
+        """[num_blocks, num_kv_heads, head_dim, block_size] (transposed tiles), a view."""
+        return self.kv[layer_idx, 0].view(
+            self.num_blocks, self.num_kv_heads, self.head_dim, self.block_size
+        )
 
     def value_cache(self, layer_idx: int) -> torch.Tensor:
-        return self.kv[layer_idx, 1]
+        """[num_blocks, num_kv_heads, block_size, head_dim], a view."""
+        return self.kv[layer_idx, 1].view(
+            self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim
+        )
 
 
 def write_kv_ref(
@@ -127,9 +145,62 @@ def write_kv_ref(
     bs = kv_cache.block_size
     block_ids = torch.div(slot_mapping, bs, rounding_mode="floor")
     offsets = slot_mapping - block_ids * bs
-    # the two advanced indices are split by a slice, so the indexed shape is [N, Hkv, D]
-    kv_cache.key_cache(layer_idx)[block_ids, :, offsets] = k.to(kv_cache.dtype)
+    # the two advanced indices are split by slices, so both indexed shapes are [N, Hkv, D]
+    kv_cache.key_cache(layer_idx)[block_ids, :, :, offsets] = k.to(kv_cache.dtype)
     kv_cache.value_cache(layer_idx)[block_ids, :, offsets] = v.to(kv_cache.dtype)
+
+
+def _extension_dir() -> Path:
+    """Build cache keyed by the CPU: the kernel is compiled with -march=native."""
+    root = os.environ.get("AIINFRA_EXTENSIONS_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "aiinfra" / "torch_extensions"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, IndexError):  # no /proc: the machine name must do
+        cpu += Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]
+    tag = hashlib.sha1(f"{cpu}{torch.__version__}".encode()).hexdigest()[:12]
+    return base / f"paged_attention_cpu_{tag}"
+
+
+def _is_cpu_fast(kv_cache: KVCache) -> bool:
+    return kv_cache.device.type == "cpu" and kv_cache.dtype in _CPU_DTYPES
+
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_cpu_ext: ModuleType | None = None
+_cpu_ext_failed = False
+
+
+def cpu_extension() -> ModuleType | None:
+    """The C++/OpenMP kernels, compiled on first use; None (after one warning) if that fails."""
+    global _cpu_ext, _cpu_ext_failed
+    if _cpu_ext is not None or _cpu_ext_failed:
+        return _cpu_ext
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = _extension_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        flags = ["-O3", "-march=native", "-fopenmp"]
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability in ("AVX512", "AVX2"):
+            # at::vec picks its SIMD width from this macro, as torch's own kernels do
+            flags += [f"-DCPU_CAPABILITY_{capability}", f"-DCPU_CAPABILITY={capability}"]
+        _cpu_ext = load(
+            name="aiinfra_paged_attention_cpu",
+            sources=[str(_CSRC)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, or a build error: the reference still works
+        _cpu_ext_failed = True
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        logger.warning(
+            "paged attention: C++ kernel unavailable (%s); using the torch reference", reason
+        )
+        logger.debug("C++ paged attention build error", exc_info=True)
+    return _cpu_ext
 
 
 def write_kv(
@@ -138,12 +209,16 @@ def write_kv(
     """Write the new tokens' K/V ([N, Hkv, D]) at slot_mapping ([N] int64) of layer layer_idx."""
     if k.shape[0] == 0:
         return
+    if _is_cpu_fast(kv_cache) and (ext := cpu_extension()) is not None:
+        ext.write_kv(
+            kv_cache.key_cache(layer_idx), kv_cache.value_cache(layer_idx), k, v, slot_mapping
+        )
+        return
     write_kv_ref(kv_cache, layer_idx, k, v, slot_mapping)
 
 
-def _gather_sequence(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """[num_blocks, Hkv, bs, D] pool + a sequence's block ids -> its [Hkv, seq_len, D] K or V."""
-    blocks = cache[block_ids]  # [nb, Hkv, bs, D]
+def _gather_sequence(blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A sequence's blocks [nb, Hkv, bs, D] -> its [Hkv, seq_len, D] (K: pass tiles transposed)."""
     Hkv, D = blocks.shape[1], blocks.shape[3]
     return blocks.transpose(0, 1).reshape(Hkv, -1, D)[:, :seq_len]
 
@@ -173,8 +248,8 @@ def paged_attention_ref(
             continue
         num_blocks = -(-seq_len // bs)
         block_ids = meta.block_tables[s, :num_blocks].long()
-        k = _gather_sequence(k_pool, block_ids, seq_len).float()
-        v = _gather_sequence(v_pool, block_ids, seq_len).float()
+        k = _gather_sequence(k_pool[block_ids].transpose(2, 3), seq_len).float()
+        v = _gather_sequence(v_pool[block_ids], seq_len).float()
         k = k.repeat_interleave(group, dim=0)  # GQA: q head h reads kv head h // group
         v = v.repeat_interleave(group, dim=0)
         qs = q[q_start:q_end].transpose(0, 1).float()  # [H, q_len, D]
@@ -197,7 +272,33 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Paged attention on the fastest available path; same contract as `paged_attention_ref`."""
+    if _is_cpu_fast(kv_cache) and (ext := cpu_extension()) is not None:
+        return paged_attention_cpu(q, kv_cache, layer_idx, meta, scale, ext)
     return paged_attention_ref(q, kv_cache, layer_idx, meta, scale)
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,
+    kv_cache: KVCache,
+    layer_idx: int,
+    meta: AttentionMetadata,
+    scale: float,
+    ext: ModuleType | None = None,
+) -> torch.Tensor:
+    """The C++/OpenMP kernel: K/V read in place through the block table, online softmax."""
+    ext = ext if ext is not None else cpu_extension()
+    assert ext is not None, "the C++ paged attention kernel could not be built"
+    out = ext.paged_attention(
+        q,
+        kv_cache.key_cache(layer_idx),
+        kv_cache.value_cache(layer_idx),
+        meta.block_tables,
+        meta.query_start_loc,
+        meta.seq_lens,
+        scale,
+        CPU_TILE_TOKENS,
+    )
+    return out.to(q.dtype)
 
 
 class PagedAttention:

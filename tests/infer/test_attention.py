@@ -169,7 +169,7 @@ def test_write_kv_places_tokens_at_slots() -> None:
     for i, slot in enumerate(case.meta.slot_mapping.tolist()):
         block, offset = divmod(slot, 4)
         # pure data movement: exact
-        torch.testing.assert_close(k_pool[block, :, offset], case.k_new[i], atol=0, rtol=0)
+        torch.testing.assert_close(k_pool[block, :, :, offset], case.k_new[i], atol=0, rtol=0)
         torch.testing.assert_close(v_pool[block, :, offset], case.v_new[i], atol=0, rtol=0)
     # the other layer is untouched (still the NaN poison)
     assert case.kv_cache.key_cache(1).isnan().all()
@@ -206,6 +206,8 @@ def test_bytes_per_block_matches_allocation() -> None:
         )
         per_block = KVCache.bytes_per_block(3, 16, 4, 8, dtype)
         assert per_block * 5 == cache.kv.numel() * cache.kv.element_size()
+        assert cache.key_cache(2).shape == (5, 4, 8, 16)  # K tiles transposed: [D, block_size]
+        assert cache.value_cache(2).shape == (5, 4, 16, 8)
     assert KVCache.bytes_per_block(1, 16, 4, 64, "float32") == 2 * 16 * 4 * 64 * 4
 
 
