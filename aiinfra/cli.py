@@ -561,7 +561,8 @@ def plan_cluster(
 def plan_pipeline(
     pp: Annotated[int, typer.Option(help="Pipeline stages.")] = 4,
     micro_batches: Annotated[int, typer.Option(help="Micro-batches per step.")] = 8,
-    schedule: Annotated[str, typer.Option(help="gpipe | 1f1b.")] = "1f1b",
+    schedule: Annotated[str, typer.Option(help="gpipe | 1f1b | interleaved.")] = "1f1b",
+    interleave: Annotated[int, typer.Option(help="Chunks per stage (interleaved).")] = 1,
     forward_ms: Annotated[float, typer.Option(help="Forward time per stage.")] = 1.0,
     backward_ms: Annotated[float, typer.Option(help="Backward time per stage.")] = 2.0,
     plot: Annotated[Path | None, typer.Option(help="Gantt chart (PNG).")] = None,
@@ -573,26 +574,29 @@ def plan_pipeline(
     from aiinfra.cluster.schedule import bubble_fraction, simulate
 
     try:
-        actions = simulate(schedule, pp, micro_batches, forward_ms / 1e3, backward_ms / 1e3)
+        actions = simulate(
+            schedule, pp, micro_batches, forward_ms / 1e3, backward_ms / 1e3, interleave
+        )
     except ValueError as e:
         _fail(str(e))
     makespan = max(a.end for a in actions)
     bubble = bubble_fraction(actions, pp)
+    slots = (pp - 1) / (interleave if schedule == "interleaved" else 1)
     typer.echo(
-        f"{schedule}: pp={pp}, {micro_batches} micro-batches: step {makespan * 1e3:.2f} ms, "
-        f"bubble {100 * bubble:.1f}% (analytic (p-1)/(m+p-1) = "
-        f"{100 * (pp - 1) / (micro_batches + pp - 1):.1f}%)"
+        f"{schedule}: pp={pp}, v={interleave}, {micro_batches} micro-batches: step "
+        f"{makespan * 1e3:.2f} ms, bubble {100 * bubble:.1f}% (analytic (p-1)/v/(m+(p-1)/v) = "
+        f"{100 * slots / (micro_batches + slots):.1f}%)"
     )
     if plot is not None:
         from aiinfra.cluster.plots import plot_pipeline
 
-        title = f"{schedule}, pp={pp}, m={micro_batches}, bubble {100 * bubble:.1f}%"
+        title = f"{schedule}, pp={pp}, v={interleave}, m={micro_batches}, bubble {bubble:.1%}"
         plot_pipeline(actions, pp, title, plot)
     _write_json(
         json_path,
-        {"schedule": schedule, "pp": pp, "micro_batches": micro_batches,
-         "step_time_s": makespan, "bubble_fraction": bubble,
-         "actions": [[a.stage, a.kind, a.micro_batch, a.start, a.end] for a in actions]},
+        {"schedule": schedule, "pp": pp, "interleave": interleave,
+         "micro_batches": micro_batches, "step_time_s": makespan, "bubble_fraction": bubble,
+         "actions": [[a.stage, a.kind, a.micro_batch, a.chunk, a.start, a.end] for a in actions]},
     )  # fmt: skip
 
 

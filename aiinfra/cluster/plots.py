@@ -72,8 +72,8 @@ def plot_pipeline(actions: list[Action], num_stages: int, title: str, path: str 
     for a in actions:
         shade = colors((2 * a.micro_batch) % 20 + (1 if a.kind == "B" else 0))
         ax.barh(a.stage, a.end - a.start, left=a.start, color=shade, edgecolor="k", lw=0.3)
-        ax.text((a.start + a.end) / 2, a.stage, f"{a.kind}{a.micro_batch}", ha="center",
-                va="center", fontsize=6)  # fmt: skip
+        label = f"{a.kind}{a.micro_batch}" + (f".{a.chunk}" if a.chunk else "")
+        ax.text((a.start + a.end) / 2, a.stage, label, ha="center", va="center", fontsize=6)
     ax.set_yticks(range(num_stages), [f"stage {i}" for i in range(num_stages)])
     ax.invert_yaxis()
     ax.set_xlabel("time (s)")
