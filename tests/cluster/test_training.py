@@ -2,6 +2,8 @@
 ZeRO's memory table, and the closed forms of Narayanan et al. 2021 and Korthikanti et al. 2022."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiinfra.cluster.hardware import get_node
 from aiinfra.cluster.topology import ClusterSpec
@@ -198,3 +200,42 @@ def test_notes_flag_tp_across_nodes_and_memory():
     flat = ParallelConfig(tp=8, dp=128, global_batch_size=1536, seq_len=2048)
     plan = estimate(model, flat, cluster)
     assert not plan.fits and plan.notes[0].startswith("needs")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tp=st.sampled_from([1, 2, 4, 8]),
+    pp=st.sampled_from([1, 2, 4, 5]),
+    mb=st.sampled_from([1, 2, 4]),
+    v=st.sampled_from([1, 2]),
+    sp=st.booleans(),
+)
+def test_invariants_over_layouts(tp, pp, mb, v, sp):
+    model = gpt(6144, 40, 48)
+    cluster = ClusterSpec.for_gpus(get_node("dgx-a100"), 320)
+    dp = 320 // (tp * pp)
+    if v > 1 and pp == 1:
+        return
+    plans = {}
+    for zero in (0, 1, 2, 3):
+        for rc in ("none", "selective", "full"):
+            layout = ParallelConfig(
+                dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch_size=mb,
+                global_batch_size=dp * mb * 4 * pp, seq_len=2048, recompute=rc, interleave=v,
+                sequence_parallel=sp,
+            )  # fmt: skip
+            plans[zero, rc] = estimate(
+                model, layout, cluster, EstimateOptions(flash_attention=False)
+            )
+    for plan in plans.values():
+        # no layout beats the hardware: hardware FLOPs at the full bf16 peak bound the step
+        assert plan.step_time_s >= plan.hardware_flops / (320 * 312e12)
+        assert plan.mfu <= plan.tflops_per_gpu * 1e12 / plan.peak_flops + 1e-12
+    for rc in ("none", "selective", "full"):
+        totals = [plans[z, rc].memory.total for z in (0, 1, 2, 3)]
+        assert totals == sorted(totals, reverse=True)
+    for zero in (0, 1, 2, 3):
+        acts = [plans[zero, rc].memory.activations for rc in ("none", "selective", "full")]
+        assert acts == sorted(acts, reverse=True)
+        times = [plans[zero, rc].time.compute for rc in ("none", "selective", "full")]
+        assert times == sorted(times)
