@@ -199,20 +199,60 @@ _values = st.one_of(
 _bodies = st.dictionaries(st.sampled_from(_FIELDS), _values, max_size=8).map(
     lambda d: {"max_tokens": 3, **d}  # keep the valid ones short
 )
+# a valid request with up to three fields set to plausible values, in range or just outside: these
+# reach the engine (sampling, stops, logprobs, n, streaming) far more often than the bodies above
+_VALID = {
+    "/v1/completions": {"prompt": [1, 2, 3], "max_tokens": 3},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+    "/tokenize": {"prompt": "hi"},
+}
+_text = st.text(string.printable, max_size=6)
+_PLAUSIBLE = {
+    "prompt": _text | st.lists(st.integers(-2, 520), max_size=8) | st.lists(_text, max_size=3),
+    "max_tokens": st.integers(-2, 40) | st.just(600) | st.none(),
+    "temperature": st.floats(-1, 3),
+    "top_p": st.floats(-0.5, 1.5),
+    "top_k": st.integers(-3, 1000),
+    "min_p": st.floats(-0.5, 1.5),
+    "n": st.integers(-1, 4),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "stop": _text | st.lists(_text, max_size=3),
+    "logprobs": st.integers(-1, 25) | st.booleans(),
+    "top_logprobs": st.integers(-1, 25),
+    "seed": st.integers(-(2**64), 2**64),
+    "presence_penalty": st.floats(-3, 3),
+    "frequency_penalty": st.floats(-3, 3),
+    "repetition_penalty": st.floats(-1, 3),
+    "ignore_eos": st.booleans(),
+    "stop_token_ids": st.lists(st.integers(-2, 600), max_size=3),
+    "min_tokens": st.integers(-1, 10),
+}
+_near_valid = (
+    st.dictionaries(st.sampled_from(sorted(_PLAUSIBLE)), st.none(), min_size=1, max_size=3)
+    .flatmap(lambda keys: st.fixed_dictionaries({k: _PLAUSIBLE[k] for k in keys}))
+    .map(lambda d: {"near_valid": d})
+)
+
+
+def _raw(b: bytes) -> dict:
+    return {"raw": b}
 
 
 @settings(
-    max_examples=120,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
     path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize"]),
-    body=_bodies | st.binary(max_size=40).map(lambda b: {"raw": b}),
+    body=st.one_of(_near_valid, _near_valid, _bodies, st.binary(max_size=40).map(_raw)),
 )
 def test_fuzz_malformed_bodies_never_5xx(server, path, body):
     if "raw" in body:
         r = server.post(path, content=body["raw"])
+    elif "near_valid" in body:
+        r = server.post(path, content=json.dumps({**_VALID[path], **body["near_valid"]}))
     else:
         r = server.post(path, content=json.dumps(body))
     assert r.status_code < 500, (body, r.status_code, r.text)

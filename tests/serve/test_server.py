@@ -279,3 +279,48 @@ def test_sse_wire_format(server):
     events = [e for e in r.text.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert all("choices" in json.loads(e[6:]) for e in events[:-1])
+
+
+def test_aiinfra_serve_command(model_dir):
+    """The CLI path: `aiinfra serve` in its own process, with --api-key and --served-model-name."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "aiinfra.cli", "serve", str(model_dir), "--port", str(port)]
+    cmd += ["--api-key", "k1", "--served-model-name", "cli-model", "--kv-cache-memory", "16MiB"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "aiinfra serve did not come up in 60 s"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k1", timeout=30, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["cli-model"]
+        assert httpx.get(url + "/v1/models", timeout=5).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_run_server_rejects_bad_arguments(model_dir, tmp_path):
+    from aiinfra.serve.server import run_server
+
+    with pytest.raises(ValueError, match="tp"):
+        run_server(str(model_dir), tp=2)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        run_server(str(tmp_path))
+    with pytest.raises(ValueError, match="max_waiting"):
+        run_server(str(model_dir), max_waiting=-1)
