@@ -121,8 +121,11 @@ class KVCache:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} ({value!r}) must be a positive int")
         shape = (num_layers, 2, num_blocks, num_kv_heads, block_size * head_dim)
-        # zeros, not empty: padded block-table entries point at block 0; keep it finite
-        kv = torch.zeros(shape, dtype=_to_dtype(dtype), device=device)
+        kv = torch.empty(shape, dtype=_to_dtype(dtype), device=device)
+        if kv.device.type == "cpu" and (ext := cpu_extension()) is not None:
+            ext.advise_hugepages(kv)  # before the first touch, so the pool faults in huge pages
+        # zeros, not garbage: padded block-table entries point at block 0; keep it finite
+        kv.zero_()
         return cls(kv, block_size, head_dim)
 
     def key_cache(self, layer_idx: int) -> torch.Tensor:
