@@ -1,4 +1,5 @@
-"""comm: collectives built from point-to-point on torch.distributed and shared memory, and their tuner."""
+"""comm: collectives built from point-to-point on torch.distributed and shared memory, and their
+tuner."""
 
 from aiinfra.comm.collectives import (
     CommConfig,

@@ -1,21 +1,22 @@
 """Collective algorithms built from point-to-point messages on any `Transport`.
 
-Thakur, Rabenseifner and Gropp, "Optimization of Collective Communication Operations in MPICH" (2005);
-NCCL's double binary tree (Sanders, Speck and Traeff 2009). Every function works on flat contiguous
-tensors, for any world size (non-powers of two fold the extra ranks in first) and any element count
-(blocks differ by at most one element; empty blocks are skipped on both sides). Reductions are done so
-that every rank ends with bit-identical results (each element is reduced once, or in the same order).
-"""
+Thakur, Rabenseifner and Gropp, "Optimization of Collective Communication Operations in MPICH"
+(2005); NCCL's double binary tree (Sanders, Speck and Traeff 2009). Every function works on flat
+contiguous tensors, for any world size (non-powers of two fold the extra ranks in first) and any
+element count (blocks differ by at most one element; empty blocks are skipped on both sides).
+Reductions are done so that every rank ends with bit-identical results (each element is reduced
+once, or in the same order)."""
 
 from __future__ import annotations
 
 import torch
 
-from aiinfra.comm.transport import Transport
+from aiinfra.comm.transport import Transport, Work
 
 
 def chunk_bounds(numel: int, parts: int) -> list[int]:
-    """Offsets (parts + 1 of them) of `parts` near-equal blocks; the first numel % parts get one more."""
+    """Offsets (parts + 1 of them) of `parts` near-equal blocks; the first numel % parts get one
+    more."""
     base, extra = divmod(numel, parts)
     offsets = [0]
     for i in range(parts):
@@ -42,14 +43,13 @@ def finish_avg(t: torch.Tensor, world_size: int, op: str) -> None:
         t.div_(world_size, rounding_mode="floor")  # integer avg: floor of the sum / world size
 
 
-def _exchange(
-    tr: Transport, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int
-) -> None:
+def _exchange(tr: Transport, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
     tr.wait_all([tr.irecv(recv, src), tr.isend(send, dst)])
 
 
-# --- folding a non-power-of-two world into a power of two ------------------------------------------
-# The first 2*rem ranks pair up (2v, 2v+1) and act as one virtual rank v; the others are v = r - rem.
+# --- folding a non-power-of-two world into a power of two -----------------------------------------
+# The first 2*rem ranks pair up (2v, 2v+1) and act as one virtual rank v; the others are v = r -
+# rem.
 # Virtual rank v then owns the contiguous blocks of its real ranks: [start(v), start(v+1)).
 
 
@@ -74,7 +74,8 @@ def _vstart(v: int, rem: int) -> int:
 
 
 def ring_all_reduce(tr: Transport, x: torch.Tensor, op: str) -> None:
-    """Reduce-scatter then all-gather around the ring: 2(p-1) steps of n/p bytes (bandwidth-optimal)."""
+    """Reduce-scatter then all-gather around the ring: 2(p-1) steps of n/p bytes (bandwidth-
+    optimal)."""
     p, r = tr.world_size, tr.rank
     if p > 1:
         off = chunk_bounds(x.numel(), p)
@@ -93,7 +94,8 @@ def ring_all_reduce(tr: Transport, x: torch.Tensor, op: str) -> None:
 
 
 def rabenseifner_all_reduce(tr: Transport, x: torch.Tensor, op: str) -> None:
-    """Recursive-halving reduce-scatter, then recursive-doubling all-gather: 2 lg p steps, ~2n bytes."""
+    """Recursive-halving reduce-scatter, then recursive-doubling all-gather: 2 lg p steps, ~2n
+    bytes."""
     p, r = tr.world_size, tr.rank
     p2, rem, v = _fold(p, r)
     _fold_in(tr, x, op, rem)
@@ -122,7 +124,8 @@ def rabenseifner_all_reduce(tr: Transport, x: torch.Tensor, op: str) -> None:
 
 
 def recursive_doubling_all_reduce(tr: Transport, x: torch.Tensor, op: str) -> None:
-    """Exchange the whole vector with partners at distance 1, 2, 4, ...: lg p steps (latency-optimal)."""
+    """Exchange the whole vector with partners at distance 1, 2, 4, ...: lg p steps (latency-
+    optimal)."""
     p, r = tr.world_size, tr.rank
     p2, rem, v = _fold(p, r)
     _fold_in(tr, x, op, rem)
@@ -163,29 +166,33 @@ def double_binary_tree_all_reduce(tr: Transport, x: torch.Tensor, op: str) -> No
 
     Most inner nodes of A are leaves of B, so every rank both sends and receives in each phase
     (NCCL's trees). Trees are handled in a fixed order (A before B) with every independent send
-    posted early, so the dependencies form no cycle across the two trees.
-    """
+    posted early, so the dependencies form no cycle across the two trees."""
     p, r = tr.world_size, tr.rank
     if p > 1:
         half = chunk_bounds(x.numel(), 2)
-        parts = [x[half[0] : half[1]], x[half[1] : half[2]]]
-        roles = [_heap_role(r, p, mirror=False), _heap_role(r, p, mirror=True)]
-        tmps = [[torch.empty_like(part) for _ in kids] for part, (_, kids) in zip(parts, roles)]
-        recvs = [[tr.irecv(t, c) for t, c in zip(ts, kids)] for ts, (_, kids) in zip(tmps, roles)]
-        ups = [None, None]
-        for t, ((parent, kids), part) in enumerate(zip(roles, parts)):
+        parts = (x[half[0] : half[1]], x[half[1] : half[2]])
+        roles = (_heap_role(r, p, mirror=False), _heap_role(r, p, mirror=True))
+        tmps = [[torch.empty_like(parts[t]) for _ in roles[t][1]] for t in (0, 1)]
+        recvs = [
+            [tr.irecv(b, c) for b, c in zip(tmps[t], roles[t][1], strict=True)] for t in (0, 1)
+        ]
+        ups: list[Work | None] = [None, None]
+        for t in (0, 1):  # reduce up: children's halves first, then on to the parent
+            parent, kids = roles[t]
             if kids:
                 tr.wait_all(recvs[t])
                 for tmp in tmps[t]:
-                    reduce_(part, tmp, op)
+                    reduce_(parts[t], tmp, op)
             if parent >= 0:
-                ups[t] = tr.isend(part, parent)
+                ups[t] = tr.isend(parts[t], parent)
         downs = []
-        for t, ((parent, kids), part) in enumerate(zip(roles, parts)):
-            if parent >= 0:
-                tr.wait_all([ups[t]])  # type: ignore[list-item]
-                tr.recv(part, parent)
-            downs += [tr.isend(part, c) for c in kids]
+        for t in (0, 1):  # broadcast down: the root's result, through every level
+            parent, kids = roles[t]
+            up = ups[t]
+            if up is not None:
+                tr.wait_all([up])
+                tr.recv(parts[t], parent)
+            downs += [tr.isend(parts[t], c) for c in kids]
         tr.wait_all(downs)
     finish_avg(x, p, op)
 
@@ -202,7 +209,7 @@ def _heap_role(rank: int, world_size: int, mirror: bool) -> tuple[int, list[int]
     return parent, kids
 
 
-# --- all_gather (out holds p blocks of input's size; block r is this rank's) ------------------------
+# --- all_gather (out holds p blocks of input's size; block r is this rank's) ----------------------
 
 
 def ring_all_gather(tr: Transport, out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -237,7 +244,7 @@ def recursive_doubling_all_gather(tr: Transport, out: torch.Tensor, inp: torch.T
     _fold_out(tr, out, rem)
 
 
-# --- reduce_scatter (inp holds p blocks of out's size; this rank gets block r reduced) -----------------
+# --- reduce_scatter (inp holds p blocks of out's size; this rank gets block r reduced) ------------
 
 
 def ring_reduce_scatter(tr: Transport, out: torch.Tensor, inp: torch.Tensor, op: str) -> None:
@@ -293,7 +300,7 @@ def recursive_halving_reduce_scatter(
     finish_avg(out, p, op)
 
 
-# --- broadcast --------------------------------------------------------------------------------------
+# --- broadcast ------------------------------------------------------------------------------------
 
 
 def binomial_tree_broadcast(tr: Transport, x: torch.Tensor, root: int) -> None:
@@ -340,7 +347,7 @@ def scatter_allgather_broadcast(tr: Transport, x: torch.Tensor, root: int) -> No
         _exchange(tr, x[off[si] : off[si + 1]], right, x[off[ri] : off[ri + 1]], left)
 
 
-# --- all_to_all and barrier -------------------------------------------------------------------------
+# --- all_to_all and barrier -----------------------------------------------------------------------
 
 
 def pairwise_all_to_all(tr: Transport, out: torch.Tensor, inp: torch.Tensor) -> None:

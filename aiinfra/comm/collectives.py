@@ -1,10 +1,10 @@
 """Public collectives: all_reduce, all_gather, reduce_scatter, broadcast, all_to_all, barrier.
 
-Each takes its `CommGroup` explicitly and an `impl`: "auto" (the cost model's cheapest correct choice,
-torch.distributed's own collective included), "torch" (torch.distributed's own), an algorithm name such as
-"ring", or "algorithm@transport" ("ring@torch", "two_shot@shm"). Tensors are flat-viewed; shapes only matter
-through their element counts, so any count works, including ones not divisible by the world size.
-"""
+Each takes its `CommGroup` explicitly and an `impl`: "auto" (the cost model's cheapest correct
+choice, torch.distributed's own collective included), "torch" (torch.distributed's own), an
+algorithm name such as "ring", or "algorithm@transport" ("ring@torch", "two_shot@shm"). Tensors are
+flat-viewed; shapes only matter through their element counts, so any count works, including ones not
+divisible by the world size."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,13 +33,19 @@ from aiinfra.comm.tuner import (
     load_params,
 )
 
+# Registered buffers at least this large go to the in-place two-shot all_reduce (no staging copy);
+# below it one-shot's single barrier wins.
+REGISTERED_MIN_BYTES = 256 << 10
+
 
 @dataclass(frozen=True, kw_only=True)
 class CommConfig:
     timeout_s: float = 60.0  # a peer that has not arrived by then is named in a TimeoutError
     use_shm: bool = True  # shared-memory transport when every rank of the group is on this host
     shm: ShmConfig = field(default_factory=ShmConfig)
-    check_args: bool = True  # point-to-point algorithms first compare (op, count, dtype) across ranks
+    check_args: bool = (
+        True  # point-to-point algorithms first compare (op, count, dtype) across ranks
+    )
     tuning_path: Path | None = DEFAULT_TUNING_PATH  # calibrate()'s output; defaults used if absent
 
     def __post_init__(self) -> None:
@@ -50,8 +57,7 @@ class CommGroup:
     """The ranks of one torch.distributed group with their transports. Collective to construct.
 
     Owns the shared-memory segments (mapped now, unlinked from /dev/shm before this returns) and the
-    cost-model parameters used by impl="auto".
-    """
+    cost-model parameters used by impl="auto"."""
 
     def __init__(
         self, pg: dist.ProcessGroup, config: CommConfig | None = None, name: str | None = None
@@ -92,7 +98,7 @@ class CommGroup:
         return self.torch
 
     def choose(self, op: str, nbytes: int, device: torch.device) -> tuple[str, str]:
-        """(algorithm, transport) with the lowest modelled time; NCCL's own tuner on CUDA tensors."""
+        """(algorithm, transport) with the lowest modelled time; NCCL's tuner on CUDA tensors."""
         key = (op, nbytes, device.type)
         if key not in self._choices:
             cands = [(NATIVE, NATIVE)]
@@ -155,7 +161,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
 
 
-def _native_op(op: str, dtype: torch.dtype) -> dist.ReduceOp:
+def _native_op(op: str, dtype: torch.dtype) -> Any:
     if op == "avg" and dtype.is_floating_point:
         return dist.ReduceOp.AVG
     return {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM}.get(op) or (
@@ -171,8 +177,8 @@ def all_reduce(
     out: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Reduce `tensor` across `group` with op sum/avg/max/min (avg of integers floors); the result goes
-    to `out` (same shape and dtype) or, without it, into `tensor`. Returns the result."""
+    """Reduce `tensor` across `group` with op sum/avg/max/min (avg of integers floors); the result
+    goes to `out` (same shape and dtype) or, without it, into `tensor`. Returns the result."""
     _check_tensor("tensor", tensor)
     _check_op(op)
     if out is None:
@@ -181,11 +187,12 @@ def all_reduce(
         _check_tensor("out", out)
         if out.numel() != tensor.numel() or out.dtype != tensor.dtype:
             raise ValueError(
-                f"out ({out.numel()} x {out.dtype}) must match tensor ({tensor.numel()} x {tensor.dtype})"
+                f"out ({out.numel()} x {out.dtype}) must match"
+                f" tensor ({tensor.numel()} x {tensor.dtype})"
             )
     nbytes = tensor.numel() * tensor.element_size()
     name, transport = group.resolve("all_reduce", impl, nbytes, tensor.device)
-    if impl == "auto" and _is_registered(group, tensor, out) and nbytes >= SHM_CHUNK_BYTES:
+    if impl == "auto" and _is_registered(group, tensor, out) and nbytes >= REGISTERED_MIN_BYTES:
         name, transport = "two_shot", "shm"  # in place in shared memory: no staging copy at all
     x, y = _flat(tensor), _flat(out)
 
@@ -232,7 +239,9 @@ _P2P_ALL_REDUCE = {
 }
 
 
-def _check_pair(op: str, big: torch.Tensor, small: torch.Tensor, p: int, names: tuple[str, str]) -> None:
+def _check_pair(
+    op: str, big: torch.Tensor, small: torch.Tensor, p: int, names: tuple[str, str]
+) -> None:
     _check_tensor(names[0], big)
     _check_tensor(names[1], small)
     if big.numel() != p * small.numel():
@@ -351,7 +360,8 @@ def broadcast(
 def all_to_all(
     output: torch.Tensor, input: torch.Tensor, group: CommGroup, *, impl: str = "auto"
 ) -> torch.Tensor:
-    """Block j of `input` (world_size equal blocks) goes to rank j; output block i comes from rank i."""
+    """Block j of `input` (world_size equal blocks) goes to rank j; output block i comes from rank
+    i."""
     p = group.world_size
     _check_tensor("input", input)
     _check_tensor("output", output)

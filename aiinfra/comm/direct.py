@@ -1,10 +1,10 @@
 """Direct collectives over shared memory: every rank reads its peers' staging buffers in place.
 
-Data streams through two staging halves per rank (double buffering), chunk by chunk. Per chunk: copy in,
-tick barrier, read what is needed from the peers' buffers, then release the half (a signal, no wait: the
-next use of that half waits for it). Two-shot all-reduce is reduce-scatter + all-gather in shared memory:
-rank r reduces slice r of the chunk from all peers, then everyone copies every reduced slice.
-"""
+Data streams through two staging halves per rank (double buffering), chunk by chunk. Per chunk: copy
+in, tick barrier, read what is needed from the peers' buffers, then release the half (a signal, no
+wait: the next use of that half waits for it). Two-shot all-reduce is reduce-scatter + all-gather in
+shared memory: rank r reduces slice r of the chunk from all peers, then everyone copies every
+reduced slice."""
 
 from __future__ import annotations
 
@@ -28,16 +28,19 @@ def _reduce_all(dst: torch.Tensor, srcs: Sequence[torch.Tensor], op: str) -> Non
         fn(dst, src, out=dst)
 
 
-def _chunks(sm: SharedMemoryTransport, numel: int, elem_bytes: int) -> Iterator[tuple[int, int, int]]:
+def _chunks(
+    sm: SharedMemoryTransport, numel: int, elem_bytes: int
+) -> Iterator[tuple[int, int, int]]:
     """(index, start, end) of the chunks; at least one, so that empty calls still synchronize."""
     step = sm.config.chunk_bytes // elem_bytes
     for i, a in enumerate(range(0, max(numel, 1), step)):
         yield i, a, min(a + step, numel)
 
 
-def _stage(sm: SharedMemoryTransport, half: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    return [sm.staging(q, half)[:nbytes].view(dtype) for q in range(sm.world_size)]
+def _stage(
+    sm: SharedMemoryTransport, half: int, numel: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    return sm.staging_views(half, numel, dtype)
 
 
 class _Halves:
@@ -59,7 +62,7 @@ class _Halves:
 def one_shot_all_reduce(
     sm: SharedMemoryTransport, x: torch.Tensor, out: torch.Tensor, op: str
 ) -> None:
-    """Every rank reads all p buffers and reduces the whole chunk itself: one barrier (small sizes)."""
+    """Every rank reads all p buffers and reduces the whole chunk: one barrier (small sizes)."""
     p, r = sm.world_size, sm.rank
     desc = describe("all_reduce", x, op)
     for i, a, b in _chunks(sm, x.numel(), x.element_size()):
@@ -101,7 +104,8 @@ def two_shot_all_reduce(
 def _two_shot_registered(
     sm: SharedMemoryTransport, x: torch.Tensor, offset: int, peers: list[torch.Tensor], op: str
 ) -> None:
-    """In place on buffers that already live in shared memory: no copy in, three barriers."""
+    """In place on buffers that already live in shared memory: no copy in, three barriers. Not
+    chunked: on a shared CPU every barrier can cost a scheduling delay, so fewer is faster."""
     p, r = sm.world_size, sm.rank
     views = [v.view(x.dtype) for v in peers]
     sb = chunk_bounds(x.numel(), p)
@@ -109,7 +113,7 @@ def _two_shot_registered(
     sm.barrier(describe("all_reduce", x, op, extra=offset), "all_reduce")
     mine = views[r][lo:hi]  # the destination is also a source: it must be read first
     _reduce_all(mine, [mine] + [v[lo:hi] for q, v in enumerate(views) if q != r], op)
-    finish_avg(views[r][lo:hi], p, op)
+    finish_avg(mine, p, op)
     sm.barrier()
     for q in range(p):
         if q != r:
@@ -143,7 +147,10 @@ def direct_reduce_scatter(
                 if q != r:
                     stage[r][q * k : (q + 1) * k].copy_(inp[q * m + a : q * m + b])
             sm.barrier(desc if i == 0 else None, "reduce_scatter")
-            srcs = [inp[r * m + a : r * m + b] if q == r else stage[q][r * k : (r + 1) * k] for q in range(p)]
+            srcs = [
+                inp[r * m + a : r * m + b] if q == r else stage[q][r * k : (r + 1) * k]
+                for q in range(p)
+            ]
             _reduce_all(out[a:b], srcs, op)
         finish_avg(out[a:b], p, op)
 

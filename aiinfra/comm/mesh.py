@@ -1,8 +1,9 @@
-"""ParallelDims: the (dp, pp, tp) layout of the ranks, tp varying fastest, and the group of each axis.
+"""ParallelDims: the (dp, pp, tp) layout of the ranks, tp varying fastest, and the group of each
+axis.
 
-picotron's grid is the mental model: `torch.arange(world_size).view(dp, pp, tp)`; the ranks of one tp
-group are consecutive (they talk most, so they share a host), a pp group strides by tp, a dp group by pp*tp.
-"""
+picotron's grid is the mental model: `torch.arange(world_size).view(dp, pp, tp)`; the ranks of one
+tp group are consecutive (they talk most, so they share a host), a pp group strides by tp, a dp
+group by pp*tp."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class ParallelDims:
         return (dp * self.pp + pp) * self.tp + tp
 
     def axis_ranks(self, rank: int, axis: str) -> list[int]:
-        """The global ranks in `rank`'s group along `axis` (all other coordinates fixed), in order."""
+        """The global ranks in `rank`'s group along `axis` (other coordinates fixed), in order."""
         if axis not in AXES:
             raise ValueError(f"axis ({axis!r}) must be one of {AXES}")
         c = self.coords(rank)

@@ -1,11 +1,11 @@
 """Shared-memory transport for the ranks of a group on one host.
 
-Each rank owns one segment in /dev/shm (control words, two staging halves for direct collectives, one
-mailbox slot per peer) and maps every peer's: ranks read each other's buffers directly. Synchronization is a
-per-rank monotonic tick counter in shared memory (signal = store, wait = poll with backoff), not a socket.
-Segments are unlinked as soon as every rank has mapped them, so nothing is left in /dev/shm after exit or a
-crash; a crash inside that window is cleaned by the next group on the host (stale files of dead pids).
-"""
+Each rank owns one segment in /dev/shm (control words, two staging halves for direct collectives,
+one mailbox slot per peer) and maps every peer's: ranks read each other's buffers directly.
+Synchronization is a per-rank monotonic tick counter in shared memory (signal = store, wait = poll
+with backoff), not a socket. Segments are unlinked as soon as every rank has mapped them, so nothing
+is left in /dev/shm after exit or a crash; a crash inside that window is cleaned by the next group
+on the host (stale files of dead pids)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import atexit
 import contextlib
 import ctypes
 import mmap
-import platform
-import time
 import os
+import platform
 import secrets
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,15 +33,17 @@ from aiinfra.comm.transport import (
     raise_on_mismatch,
     spin_seconds,
 )
+from aiinfra.comm.tuner import SHM_CHUNK_BYTES
 
 SHM_DIR = "/dev/shm"
 PREFIX = "aiinfra-comm-"
 _ALIGN = 4096
 
 # Control words (int64) at the start of every segment.
-_PID, _TICK = 0, 1
+_PID, _TICK, _WAITING_ON = 0, 1, 2  # _WAITING_ON: 1 + the rank whose tick we sleep on
 _DESC = 8  # two descriptor slots of 8 words, used alternately by consecutive collectives
-_SEND = 32  # _SEND + q: messages this rank has put in its slot for q; _ACK + q: taken from q; _LEN + q: size
+# _SEND + q: messages this rank has put in its slot for q; _ACK + q: taken from q; _LEN + q: size
+_SEND = 32
 
 
 # A rank blocked on a peer's tick sleeps in the kernel (futex on the tick's low 32 bits, in shared
@@ -70,7 +72,7 @@ def _futex_wake(addr: int) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ShmConfig:
-    chunk_bytes: int = 1 << 20  # direct collectives stream through two staging halves of this size
+    chunk_bytes: int = SHM_CHUNK_BYTES  # direct collectives stream through two halves of this size
     slot_bytes: int = 1 << 20  # point-to-point mailbox per (sender, receiver) pair
 
     def __post_init__(self) -> None:
@@ -87,7 +89,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a dead child its parent has not reaped yet is a zombie: dead for us
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_segments() -> list[str]:
@@ -109,7 +115,8 @@ def remove_stale_segments() -> list[str]:
 
 
 class _Segment:
-    """One mapped file: `data` is a uint8 tensor over all of it, `ctrl` an int64 numpy view of the header."""
+    """One mapped file: `data` is a uint8 tensor over all of it, `ctrl` an int64 numpy view of the
+    header."""
 
     def __init__(self, path: str, nbytes: int, create: bool) -> None:
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -145,7 +152,9 @@ def map_group_segments(pg: dist.ProcessGroup, nbytes: int) -> list[_Segment]:
     paths: list[str | None] = [None] * dist.get_world_size(pg)
     dist.all_gather_object(paths, path, group=pg)
     me = dist.get_rank(pg)
-    segments = [own if r == me else _Segment(str(p), nbytes, create=False) for r, p in enumerate(paths)]
+    segments = [
+        own if r == me else _Segment(str(p), nbytes, create=False) for r, p in enumerate(paths)
+    ]
     dist.barrier(group=pg)  # every rank has mapped every segment: the names can go
     os.unlink(path)
     _own_paths.discard(path)
@@ -155,9 +164,9 @@ def map_group_segments(pg: dist.ProcessGroup, nbytes: int) -> list[_Segment]:
 class SharedMemoryTransport(Transport):
     """Point-to-point mailboxes and tick barriers over shared memory, for ranks of `pg` on one host.
 
-    Collective on `pg` to construct. The direct collectives in algorithms.py use `staging`, `barrier`,
-    `acquire_half` / `release_half`; the point-to-point algorithms use isend/irecv like any transport.
-    """
+    Collective on `pg` to construct. The direct collectives in algorithms.py use `staging`,
+    `barrier`, `acquire_half` / `release_half`; the point-to-point algorithms use isend/irecv like
+    any transport."""
 
     def __init__(
         self, pg: dist.ProcessGroup, name: str, timeout_s: float, config: ShmConfig
@@ -180,12 +189,13 @@ class SharedMemoryTransport(Transport):
         self._spin_s = spin_seconds(p)
         self._calls = 0
         self._next_half = 1
+        self._views: dict[tuple, list[torch.Tensor]] = {}
         self._half_free = [0, 0]  # tick every peer must reach before a staging half is reused
         self._sends: list[deque[_ShmWork]] = [deque() for _ in range(p)]
         self._recvs: list[deque[_ShmWork]] = [deque() for _ in range(p)]
         self._registered: list[tuple[int, int, list[_Segment]]] = []
 
-    # --- ticks: signal = store own counter, wait = every peer's counter reached the value ------------
+    # --- ticks: signal = store own counter, wait = every peer's counter reached the value ---------
 
     def next_tick(self) -> int:
         self._tick += 1
@@ -193,7 +203,9 @@ class SharedMemoryTransport(Transport):
 
     def signal(self, tick: int) -> None:
         self.ctrls[self.rank][_TICK] = tick
-        _futex_wake(self._tick_addr[self.rank])
+        me = self.rank + 1
+        if any(c[_WAITING_ON] == me for c in self.ctrls):  # skip the system call if nobody sleeps
+            _futex_wake(self._tick_addr[self.rank])
 
     def wait_tick(self, tick: int) -> None:
         ctrls = self.ctrls
@@ -209,9 +221,14 @@ class SharedMemoryTransport(Transport):
             missing = [q for q, c in enumerate(ctrls) if c[_TICK] < tick]
             if not missing:
                 return
-            seen = int(ctrls[missing[0]][_TICK])
+            q = missing[0]
+            own = ctrls[self.rank]
+            own[_WAITING_ON] = q + 1
+            seen = int(ctrls[q][_TICK])
             if seen < tick:
-                _futex_wait(self._tick_addr[missing[0]], seen, 2e-3)
+                # a wake-up lost to store/load reordering against signal() costs at most this 1 ms
+                _futex_wait(self._tick_addr[q], seen, 1e-3)
+            own[_WAITING_ON] = 0
             now = time.monotonic()
             if now > next_check:
                 next_check = now + 0.1
@@ -220,7 +237,8 @@ class SharedMemoryTransport(Transport):
                     raise self._timeout(tick)
 
     def barrier(self, desc: Sequence[int] | None = None, op: str = "barrier") -> None:
-        """All ranks arrive; with `desc`, also check that all ranks called `op` with the same arguments."""
+        """All ranks arrive; with `desc`, also check that all ranks called `op` with the same
+        arguments."""
         slot = _DESC + 8 * (self._calls & 1)
         if desc is not None:
             self._calls += 1
@@ -229,7 +247,9 @@ class SharedMemoryTransport(Transport):
         self.signal(tick)
         self.wait_tick(tick)
         if desc is not None:
-            raise_on_mismatch(op, self.name, [c[slot : slot + len(desc)] for c in self.ctrls])
+            raise_on_mismatch(
+                op, self.name, [c[slot : slot + len(desc)].tolist() for c in self.ctrls]
+            )
 
     def check_args(self, op: str, desc: Sequence[int]) -> None:
         self.barrier(desc, op)
@@ -247,7 +267,19 @@ class SharedMemoryTransport(Transport):
                 f"group {self.name}: rank(s) {dead} exited (pid {[self.pids[r] for r in dead]})"
             )
 
-    # --- staging for direct collectives --------------------------------------------------------------
+    # --- staging for direct collectives -----------------------------------------------------------
+
+    def staging_views(self, half: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Every rank's staging half as `numel` x `dtype` (cached: a slice costs ~3 us)."""
+        key = (half, numel, dtype)
+        views = self._views.get(key)
+        if views is None:
+            nbytes = numel * dtype.itemsize
+            views = [self.staging(q, half)[:nbytes].view(dtype) for q in range(self.world_size)]
+            if len(self._views) > 256:
+                self._views.clear()
+            self._views[key] = views
+        return views
 
     def staging(self, rank: int, half: int) -> torch.Tensor:
         start = self._staging_off + half * self.config.chunk_bytes
@@ -266,10 +298,11 @@ class SharedMemoryTransport(Transport):
         self.signal(tick)
         self._half_free[half] = tick
 
-    # --- registered buffers: tensors that live in shared memory, so peers read them in place ---------
+    # --- registered buffers: tensors that live in shared memory, so peers read them in place ------
 
     def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """Collective: a tensor of `numel` elements in this rank's new shared segment (peers map it)."""
+        """Collective: a tensor of `numel` elements in this rank's new shared segment (peers map
+        it)."""
         nbytes = max(64, numel * torch.empty((), dtype=dtype).element_size())
         segments = map_group_segments(self.pg, nbytes)
         data = segments[self.rank].data
@@ -277,7 +310,8 @@ class SharedMemoryTransport(Transport):
         return data[:nbytes].view(dtype)[:numel]
 
     def registered_peers(self, tensor: torch.Tensor) -> tuple[int, list[torch.Tensor]] | None:
-        """(byte offset, every rank's uint8 view of the same region) if `tensor` is a registered buffer."""
+        """(byte offset, every rank's uint8 view of the same region) if `tensor` is a registered
+        buffer."""
         ptr, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
         for base, size, segments in self._registered:
             if base <= ptr and ptr + nbytes <= base + size and tensor.is_contiguous():
@@ -285,7 +319,7 @@ class SharedMemoryTransport(Transport):
                 return off, [s.data[off : off + nbytes] for s in segments]
         return None
 
-    # --- point-to-point: one mailbox slot per (sender, receiver); messages are chunked through it -----
+    # --- point-to-point: one mailbox slot per (sender, receiver); messages are chunked through it -
 
     def isend(self, tensor: torch.Tensor, peer: int) -> Work:
         return self._post(self._sends[peer], _ShmWork(as_bytes(tensor), peer))

@@ -1,8 +1,8 @@
 """Point-to-point transports that the collective algorithms are written against.
 
-`Transport` is the small interface (isend/irecv/wait_all plus an argument check); `TorchTransport` runs it on
-torch.distributed send/recv (gloo on CPU, NCCL on GPU, any number of hosts). shm.py has the one-host transport.
-"""
+`Transport` is the small interface (isend/irecv/wait_all plus an argument check); `TorchTransport`
+runs it on torch.distributed send/recv (gloo on CPU, NCCL on GPU, any number of hosts). shm.py has
+the one-host transport."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-# Reduction ops and dtypes travel between ranks as small integers (argument checks, shm descriptors).
+# Reduction ops and dtypes travel between ranks as small integers (argument checks, shm
+# descriptors).
 REDUCE_OPS = ("sum", "avg", "max", "min")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.uint8)
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "barrier")
@@ -71,7 +72,8 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def describe(op: str, tensor: torch.Tensor, reduce_op: str = "sum", extra: int = 0) -> list[int]:
-    """The integers every rank must agree on for one call: op, element count, dtype, reduction, extra."""
+    """The integers every rank must agree on for one call: op, element count, dtype, reduction,
+    extra."""
     return [
         OPS.index(op),
         tensor.numel(),
@@ -103,8 +105,7 @@ class Backoff:
     """Spin, then yield, then sleep: 4 ranks may share 2 cores, so a waiter must give its core away.
 
     Spinning (no system call) only pays when every rank has a core of its own, so `spin_s` is 0
-    otherwise; `pause()` raises the exception made by `on_timeout` once past the deadline.
-    """
+    otherwise; `pause()` raises the exception made by `on_timeout` once past the deadline."""
 
     def __init__(
         self, timeout_s: float, on_timeout: Callable[[], Exception], spin_s: float = 0.0
@@ -132,12 +133,13 @@ class Backoff:
 
 
 def spin_seconds(world_size: int) -> float:
-    """How long a waiter spins before yielding: only when the ranks need no more cores than exist."""
-    return 200e-6 if world_size <= (os.cpu_count() or 1) else 0.0
+    """How long a waiter spins before it yields: only if the ranks need no more cores than exist."""
+    return 50e-6 if world_size <= (os.cpu_count() or 1) else 0.0
 
 
 class TorchTransport(Transport):
-    """torch.distributed point-to-point on `pg`: the transport for any backend and any number of hosts."""
+    """torch.distributed point-to-point on `pg`: the transport for any backend and any number of
+    hosts."""
 
     def __init__(self, pg: dist.ProcessGroup, name: str, timeout_s: float) -> None:
         self.pg = pg
@@ -150,12 +152,12 @@ class TorchTransport(Transport):
     def isend(self, tensor: torch.Tensor, peer: int) -> Work:
         if tensor.numel() == 0:
             return _DoneWork()
-        return _TorchWork(self, dist.isend(as_bytes(tensor), self._global[peer], group=self.pg), peer)
+        return _TorchWork(self, _p2p(dist.isend, tensor, self._global[peer], self.pg), peer)
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> Work:
         if tensor.numel() == 0:
             return _DoneWork()
-        return _TorchWork(self, dist.irecv(as_bytes(tensor), self._global[peer], group=self.pg), peer)
+        return _TorchWork(self, _p2p(dist.irecv, tensor, self._global[peer], self.pg), peer)
 
     def check_args(self, op: str, desc: Sequence[int]) -> None:
         """Every rank sends its descriptor to every other rank: a rank that never arrives is named
@@ -165,8 +167,8 @@ class TorchTransport(Transport):
         descs = torch.zeros(p, len(desc), dtype=torch.int64, device=device)
         descs[me] = torch.tensor(desc, dtype=torch.int64)
         peers = [q for q in range(p) if q != me]
-        recvs = {q: dist.irecv(descs[q], self._global[q], group=self.pg) for q in peers}
-        sends = [dist.isend(descs[me], self._global[q], group=self.pg) for q in peers]
+        recvs = {q: _p2p(dist.irecv, descs[q], self._global[q], self.pg) for q in peers}
+        sends = [_p2p(dist.isend, descs[me], self._global[q], self.pg) for q in peers]
         deadline = time.monotonic() + self.timeout_s
         missing = []
         for q, work in recvs.items():
@@ -182,6 +184,12 @@ class TorchTransport(Transport):
         for w in sends:
             w.wait()
         raise_on_mismatch(op, self.name, descs.tolist())
+
+
+def _p2p(fn: Callable, tensor: torch.Tensor, peer: int, pg: dist.ProcessGroup) -> dist.Work:
+    work = fn(as_bytes(tensor), peer, group=pg)
+    assert work is not None  # None only for ranks outside pg
+    return work
 
 
 class _TorchWork:

@@ -1,12 +1,12 @@
-"""Alpha-beta-gamma cost model of every collective algorithm, the size-based choice, and its calibration.
+"""Alpha-beta-gamma cost model of every collective algorithm, the size-based choice, and its
+calibration.
 
-Thakur, Rabenseifner and Gropp (2005): a message of n bytes costs alpha + n*beta, reducing it n*gamma.
-`algorithm_cost` is linear in (alpha, beta, gamma), so `fit_link_params` fits them by least squares from
-measured times, and `calibrate` measures a sweep and saves the fit per transport as JSON; `impl="auto"`
-picks the cheapest (algorithm, transport) with those values, like NCCL's tuner does with its own table.
-Sizes follow nccl-tests: all_reduce/broadcast the buffer, all_gather the output, reduce_scatter the input,
-all_to_all one rank's buffer.
-"""
+Thakur, Rabenseifner and Gropp (2005): a message of n bytes costs alpha + n*beta, reducing it
+n*gamma. `algorithm_cost` is linear in (alpha, beta, gamma), so `fit_link_params` fits them by least
+squares from measured times, and `calibrate` measures a sweep and saves the fit per transport as
+JSON; `impl="auto"` picks the cheapest (algorithm, transport) with those values, like NCCL's tuner
+does with its own table. Sizes follow nccl-tests: all_reduce/broadcast the buffer, all_gather the
+output, reduce_scatter the input, all_to_all one rank's buffer."""
 
 from __future__ import annotations
 
@@ -37,9 +37,14 @@ SHM_ALGORITHMS: dict[str, tuple[str, ...]] = {
     "barrier": ("direct",),
 }
 NATIVE = "native"  # torch.distributed's own collective (gloo, NCCL)
-# cost-model keys: direct algorithms on shm, point-to-point algorithms on shm mailboxes, on torch, native
+# cost-model keys: direct algorithms on shm, point-to-point algorithms on shm mailboxes, on torch,
+# native
 TRANSPORTS = ("shm", "shm_p2p", "torch", NATIVE)
-SHM_CHUNK_BYTES = 1 << 20  # ShmConfig.chunk_bytes default: direct algorithms pay a barrier per chunk
+# ShmConfig.chunk_bytes default: direct algorithms pay a barrier per chunk, and on a CPU shared with
+# other jobs each barrier can cost a scheduling delay (measured there: 16 MiB chunks ran a 64 MiB
+# all_reduce about twice as fast as 1 MiB chunks); staging costs 2 chunks of memory per rank
+SHM_CHUNK_BYTES = 8 << 20
+CALIBRATION_SIZES = tuple(8 << (2 * k) for k in range(12))  # 8 B .. 32 MiB, every factor of 4
 DEFAULT_TUNING_PATH = Path.home() / ".cache" / "aiinfra" / "comm_tuning.json"
 
 
@@ -58,7 +63,8 @@ class LinkParams:
                 raise ValueError(f"{field} ({value}) must be finite and >= 0")
 
 
-# Until calibrate() has run: rough values for this class of machine (2 CPU cores, loopback TCP for gloo).
+# Until calibrate() has run: rough values for this class of machine (2 CPU cores, loopback TCP for
+# gloo).
 DEFAULT_PARAMS: dict[str, LinkParams] = {
     "shm": LinkParams(alpha_s=8e-6, beta_s_per_byte=1 / 8e9, gamma_s_per_byte=1 / 8e9),
     "shm_p2p": LinkParams(alpha_s=40e-6, beta_s_per_byte=1 / 6e9, gamma_s_per_byte=1 / 8e9),
@@ -70,7 +76,8 @@ DEFAULT_PARAMS: dict[str, LinkParams] = {
 def cost_terms(
     op: str, algorithm: str, nbytes: int, world_size: int, chunk_bytes: int = SHM_CHUNK_BYTES
 ) -> tuple[float, float, float]:
-    """Coefficients (of alpha, beta, gamma) of the time of `algorithm` for `op` on `world_size` ranks."""
+    """Coefficients (of alpha, beta, gamma) of the time of `algorithm` for `op` on `world_size`
+    ranks."""
     p, n = world_size, float(nbytes)
     if p == 1:
         return (0.0, 0.0, 0.0)
@@ -122,14 +129,18 @@ def cost_terms(
 
 
 def _tree_terms(p: int, n: float) -> tuple[float, float, float]:
-    # Not pipelined: each of d levels a node takes k halves from its children, then sends k halves down.
+    # Not pipelined: each of d levels a node takes k halves from its children, then sends k halves
+    # down.
     d = p.bit_length() - 1
     k = min(2, p - 1)
     return (2 * d * k, d * k * n, d * k * n / 2)
 
 
-def algorithm_cost(op: str, algorithm: str, nbytes: int, world_size: int, params: LinkParams) -> float:
-    """Seconds `algorithm` takes for `op` on `nbytes` over `world_size` ranks on a link with `params`."""
+def algorithm_cost(
+    op: str, algorithm: str, nbytes: int, world_size: int, params: LinkParams
+) -> float:
+    """Seconds `algorithm` takes for `op` on `nbytes` over `world_size` ranks on a link with
+    `params`."""
     a, b, g = cost_terms(op, algorithm, nbytes, world_size)
     return a * params.alpha_s + b * params.beta_s_per_byte + g * params.gamma_s_per_byte
 
@@ -150,12 +161,13 @@ def choose_algorithm(
     return min(names, key=lambda a: algorithm_cost(op, a, nbytes, world_size, params))
 
 
-# --- fitting -----------------------------------------------------------------------------------------
+# --- fitting --------------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class Sample:
-    """One measured point: `seconds` per call of `algorithm` for `op` at `nbytes` on `world_size` ranks."""
+    """One measured point: `seconds` per call of `algorithm` for `op` at `nbytes` on `world_size`
+    ranks."""
 
     op: str
     algorithm: str
@@ -165,7 +177,7 @@ class Sample:
 
 
 def fit_link_params(samples: Sequence[Sample]) -> LinkParams:
-    """Non-negative least squares on relative error (times span five decades, so weight by 1/time)."""
+    """Non-negative least squares on relative error (times span five decades: weight 1/time)."""
     if not samples:
         raise ValueError("samples is empty")
     A = np.array([cost_terms(s.op, s.algorithm, s.nbytes, s.world_size) for s in samples])
@@ -195,7 +207,7 @@ def save_params(path: Path, world_size: int, params: dict[str, LinkParams]) -> N
 
 
 def load_params(path: Path, world_size: int) -> dict[str, LinkParams] | None:
-    """The fit for `world_size`, or for the nearest calibrated world size; None if nothing is saved."""
+    """The fit for `world_size`, or for the nearest calibrated world size; None if none is saved."""
     if not path.exists():
         return None
     entries = json.loads(path.read_text()).get("world_sizes", {})
@@ -208,11 +220,12 @@ def load_params(path: Path, world_size: int) -> dict[str, LinkParams] | None:
 def calibrate(
     group: object,
     path: Path | None = DEFAULT_TUNING_PATH,
-    sizes: Sequence[int] = tuple(8 << (2 * i) for i in range(12)),
+    sizes: Sequence[int] = CALIBRATION_SIZES,
     iters: int = 5,
 ) -> dict[str, LinkParams]:
     """Collective on `group` (a CommGroup): time all_reduce and all_gather algorithms on every
-    transport over `sizes`, fit LinkParams per transport, save them to `path` (rank 0) and return them."""
+    transport over `sizes`, fit LinkParams per transport, save them to `path` (rank 0) and return
+    them."""
     from aiinfra.comm.bench import measure_samples
 
     samples = measure_samples(group, sizes, iters)

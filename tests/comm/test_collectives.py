@@ -20,19 +20,22 @@ from aiinfra.comm import (
     broadcast,
     reduce_scatter,
 )
+from aiinfra.comm.collectives import REGISTERED_MIN_BYTES
 from aiinfra.comm.shm import PREFIX, SHM_DIR
 from aiinfra.comm.tuner import ALGORITHMS, SHM_ALGORITHMS
 from tests.distributed import run_distributed
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)
-# 1 element, fewer than the world size per block, and 3001 (odd; 12 KB of fp32 spans three 4 KiB chunks
+# 1 element, fewer than the world size per block, and 3001 (odd; 12 KB of fp32 spans three 4 KiB
+# chunks
 # and three mailbox slots, so chunking and slot reuse run too)
 COUNTS = (1, 5, 3001)
 SMALL = ShmConfig(chunk_bytes=4096, slot_bytes=4096)
 
 
 def make_group(timeout_s: float = 30.0, **kw: object) -> CommGroup:
-    config = CommConfig(timeout_s=timeout_s, shm=SMALL, tuning_path=None, **kw)  # type: ignore[arg-type]
+    # type: ignore[arg-type]
+    config = CommConfig(timeout_s=timeout_s, shm=SMALL, tuning_path=None, **kw)
     return CommGroup(dist.group.WORLD, config, name="world")
 
 
@@ -49,8 +52,10 @@ def make_input(rank: int, n: int, dtype: torch.dtype, salt: int) -> torch.Tensor
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
-    # Reductions add in another order than gloo: fp32 differs by a few ulp; bf16/fp16 partial sums of
-    # N(0,1) values reach ~4 where one ulp is 2^-5 (bf16) / 2^-8 (fp16), so allow ~2 ulp absolute there.
+    # Reductions add in another order than gloo: fp32 differs by a few ulp; bf16/fp16 partial sums
+    # of
+    # N(0,1) values reach ~4 where one ulp is 2^-5 (bf16) / 2^-8 (fp16), so allow ~2 ulp absolute
+    # there.
     return {
         torch.float32: {"rtol": 1e-5, "atol": 1e-5},
         torch.bfloat16: {"rtol": 2e-2, "atol": 6e-2},
@@ -100,7 +105,7 @@ def check_all_reduce(rank: int, p: int, group: CommGroup) -> None:
 
 
 def check_registered(rank: int, p: int, group: CommGroup) -> None:
-    for n in (3001, (1 << 20) // 4 + 3):  # the second one is large enough for auto's in-place path
+    for n in (3001, REGISTERED_MIN_BYTES // 4 + 3):  # large enough for auto's in-place path
         buf = group.alloc(n, torch.float32)
         for impl in ("two_shot@shm", "one_shot@shm", "auto"):
             buf.copy_(make_input(rank, n, torch.float32, n))
