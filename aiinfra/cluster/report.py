@@ -138,6 +138,8 @@ def cluster_summary(cluster: ClusterSpec) -> dict[str, object]:
         "all_reduce_busbw_cluster_gbps": bus_bandwidth_gbps("all_reduce", size, n, whole)
         if n > gpn
         else bus_bandwidth_gbps("all_reduce", size, gpn, intra),
+        # a DP ring of a tp=8 layout: one GPU per node over up to 32 nodes (the same rail)
+        "all_reduce_busbw_dp_ring_32_nodes_gbps": _dp_ring_busbw(cluster, size),
         "why_rail_optimized": explain_rail_optimized(cluster),
     }
     return out
@@ -187,3 +189,12 @@ def summary_table(title: str, values: dict[str, object]) -> Table:
 
 def _route(num_switches: int, path: str) -> str:
     return f"{num_switches} switch{'' if num_switches == 1 else 'es'} ({path})"
+
+
+def _dp_ring_busbw(cluster: ClusterSpec, size: float) -> float | None:
+    k = min(cluster.num_nodes, 32)
+    if k == 1:  # one node: no network ring
+        return None
+    return bus_bandwidth_gbps(
+        "all_reduce", size, k, collective_time(cluster, "all_reduce", size, k, 1)
+    )
