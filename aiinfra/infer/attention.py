@@ -3,7 +3,8 @@ PagedAttention").
 
 K/V of every sequence live in fixed-size blocks of one shared pool; a block table maps a sequence's
 logical blocks to pool blocks. `paged_attention_ref` is the plain-torch reference (CPU and GPU); the
-fast paths (C++/OpenMP on CPU, Triton on CUDA) keep its signature and are tested against it.
+fast paths (C++/OpenMP in csrc/ on CPU, triton_attention.py on CUDA) keep its signature and are
+tested against it; `paged_attention` and `write_kv` pick one and fall back to the reference.
 """
 
 from __future__ import annotations
@@ -206,6 +207,24 @@ def cpu_extension() -> ModuleType | None:
     return _cpu_ext
 
 
+_triton: ModuleType | None = None
+_triton_failed = False
+
+
+def triton_module() -> ModuleType | None:
+    """aiinfra.infer.triton_attention, or None (after one warning) where Triton is missing."""
+    global _triton, _triton_failed
+    if _triton is None and not _triton_failed:
+        try:
+            from aiinfra.infer import triton_attention
+
+            _triton = triton_attention
+        except ImportError as e:
+            _triton_failed = True
+            logger.warning("paged attention: Triton unavailable (%s); using the torch reference", e)
+    return _triton
+
+
 def write_kv(
     kv_cache: KVCache, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -216,6 +235,9 @@ def write_kv(
         ext.write_kv(
             kv_cache.key_cache(layer_idx), kv_cache.value_cache(layer_idx), k, v, slot_mapping
         )
+        return
+    if kv_cache.device.type == "cuda" and (tri := triton_module()) is not None:
+        tri.write_kv_triton(kv_cache, layer_idx, k, v, slot_mapping)
         return
     write_kv_ref(kv_cache, layer_idx, k, v, slot_mapping)
 
@@ -277,6 +299,8 @@ def paged_attention(
     """Paged attention on the fastest available path; same contract as `paged_attention_ref`."""
     if _is_cpu_fast(kv_cache) and (ext := cpu_extension()) is not None:
         return paged_attention_cpu(q, kv_cache, layer_idx, meta, scale, ext)
+    if q.device.type == "cuda" and (tri := triton_module()) is not None:
+        return tri.paged_attention_triton(q, kv_cache, layer_idx, meta, scale)
     return paged_attention_ref(q, kv_cache, layer_idx, meta, scale)
 
 
