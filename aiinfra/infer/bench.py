@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -168,6 +169,7 @@ def run_offline_bench(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
     )
+    load_before = os.getloadavg()[0]
     engine = LLMEngine(config)
     run_engine(engine, requests[:4])  # warm-up: the same first 4 requests vLLM's script uses
     result = run_engine(engine, requests)
@@ -184,6 +186,8 @@ def run_offline_bench(
         "max_num_batched_tokens": max_num_batched_tokens,
         "max_num_seqs": max_num_seqs,
         "threads": torch.get_num_threads(),
+        # other processes on the machine distort timings: say how busy it was
+        "load_avg_1m": [load_before, os.getloadavg()[0]],
     }
     del engine
     if baseline == "hf":
