@@ -291,6 +291,9 @@ def bench_comm(
     tuning: Annotated[
         Path | None, typer.Option(help="Cost-model JSON (default ~/.cache/aiinfra/).")
     ] = None,
+    chunk: Annotated[
+        str, typer.Option(help="Staging chunk of the shm direct algorithms, e.g. 1M.")
+    ] = "8M",
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the rows as JSON.")
     ] = None,
@@ -312,6 +315,7 @@ def bench_comm(
             iters=iters,
             calibrate=calibrate,
             tuning_path=tuning or DEFAULT_TUNING_PATH,
+            chunk_bytes=_parse_size(chunk),
         )
         result = run_bench(config)
     except ValueError as e:

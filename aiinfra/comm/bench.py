@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from aiinfra.comm.tuner import ALGORITHMS, DEFAULT_TUNING_PATH, Sample
+from aiinfra.comm.tuner import ALGORITHMS, DEFAULT_TUNING_PATH, SHM_CHUNK_BYTES, Sample
 
 BENCH_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 DEFAULT_SIZES = tuple(8 << i for i in range(26))  # 8 B .. 256 MiB
@@ -50,6 +50,7 @@ class BenchConfig:
     timeout_s: float = 600.0
     tuning_path: Path | None = DEFAULT_TUNING_PATH
     calibrate: bool = False  # fit the cost model on these ranks first and save it to tuning_path
+    chunk_bytes: int = SHM_CHUNK_BYTES  # ShmConfig.chunk_bytes of the shm transport
 
     def __post_init__(self) -> None:
         if self.op not in BENCH_OPS:
@@ -152,15 +153,17 @@ def _entry(rank: int, fn: Callable[..., None], world_size: int, port: int, args:
 
 def _worker(rank: int, world_size: int, config: BenchConfig, out_path: str) -> None:
     from aiinfra.comm.collectives import CommConfig, CommGroup
+    from aiinfra.comm.shm import ShmConfig
     from aiinfra.comm.tuner import calibrate
 
     world = dist.group.WORLD
     assert world is not None
-    group = CommGroup(world, CommConfig(tuning_path=config.tuning_path), name="bench")
+    shm = ShmConfig(chunk_bytes=config.chunk_bytes)
+    group = CommGroup(world, CommConfig(tuning_path=config.tuning_path, shm=shm), name="bench")
     if config.calibrate:
         calibrate(group, config.tuning_path)
         group.destroy()
-        group = CommGroup(world, CommConfig(tuning_path=config.tuning_path), name="bench")
+        group = CommGroup(world, CommConfig(tuning_path=config.tuning_path, shm=shm), name="bench")
     dtype = _DTYPES[config.dtype]
     registered = (
         group.alloc(max(config.sizes) // 4 + 64, torch.float32) if config.registered else None

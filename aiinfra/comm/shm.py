@@ -40,7 +40,8 @@ PREFIX = "aiinfra-comm-"
 _ALIGN = 4096
 
 # Control words (int64) at the start of every segment.
-_PID, _TICK, _WAITING_ON = 0, 1, 2  # _WAITING_ON: 1 + the rank whose tick we sleep on
+# a sleeping waiter publishes 1 + the rank it sleeps on and the tick it needs: signals wake only it
+_PID, _TICK, _WAIT_RANK, _WAIT_TICK = 0, 1, 2, 3
 _DESC = 8  # two descriptor slots of 8 words, used alternately by consecutive collectives
 # _SEND + q: messages this rank has put in its slot for q; _ACK + q: taken from q; _LEN + q: size
 _SEND = 32
@@ -204,7 +205,7 @@ class SharedMemoryTransport(Transport):
     def signal(self, tick: int) -> None:
         self.ctrls[self.rank][_TICK] = tick
         me = self.rank + 1
-        if any(c[_WAITING_ON] == me for c in self.ctrls):  # skip the system call if nobody sleeps
+        if any(c[_WAIT_RANK] == me and c[_WAIT_TICK] <= tick for c in self.ctrls):
             _futex_wake(self._tick_addr[self.rank])
 
     def wait_tick(self, tick: int) -> None:
@@ -223,12 +224,13 @@ class SharedMemoryTransport(Transport):
                 return
             q = missing[0]
             own = ctrls[self.rank]
-            own[_WAITING_ON] = q + 1
+            own[_WAIT_TICK] = tick
+            own[_WAIT_RANK] = q + 1
             seen = int(ctrls[q][_TICK])
             if seen < tick:
                 # a wake-up lost to store/load reordering against signal() costs at most this 1 ms
                 _futex_wait(self._tick_addr[q], seen, 1e-3)
-            own[_WAITING_ON] = 0
+            own[_WAIT_RANK] = 0
             now = time.monotonic()
             if now > next_check:
                 next_check = now + 0.1

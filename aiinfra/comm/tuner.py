@@ -66,8 +66,10 @@ class LinkParams:
 # Until calibrate() has run: rough values for this class of machine (2 CPU cores, loopback TCP for
 # gloo).
 DEFAULT_PARAMS: dict[str, LinkParams] = {
-    "shm": LinkParams(alpha_s=8e-6, beta_s_per_byte=1 / 8e9, gamma_s_per_byte=1 / 8e9),
-    "shm_p2p": LinkParams(alpha_s=40e-6, beta_s_per_byte=1 / 6e9, gamma_s_per_byte=1 / 8e9),
+    # an add streams 3 arrays where a copy streams 2: gamma ~ 1.5 beta in memory-bound code
+    "shm": LinkParams(alpha_s=8e-6, beta_s_per_byte=1 / 8e9, gamma_s_per_byte=1 / 5.3e9),
+    # a mailbox message is copied twice (into the slot, out of it) in 1 MiB handshakes
+    "shm_p2p": LinkParams(alpha_s=40e-6, beta_s_per_byte=1 / 3e9, gamma_s_per_byte=1 / 5.3e9),
     "torch": LinkParams(alpha_s=150e-6, beta_s_per_byte=1 / 1.5e9, gamma_s_per_byte=1 / 8e9),
     NATIVE: LinkParams(alpha_s=400e-6, beta_s_per_byte=1 / 1.5e9, gamma_s_per_byte=1 / 8e9),
 }
@@ -98,8 +100,9 @@ def cost_terms(
         ),
         ("all_reduce", "recursive_doubling"): (L2 + 2 * fold, (L2 + 2 * fold) * n, (L2 + fold) * n),
         ("all_reduce", "double_binary_tree"): _tree_terms(p, n),
-        ("all_reduce", "one_shot"): (2 * c, n, (p - 1) * n),
-        ("all_reduce", "two_shot"): (3 * c, 2 * f * n + n / p, f * n),
+        # direct: alpha counts barriers (a release is a store); beta a copy, gamma an add per byte
+        ("all_reduce", "one_shot"): (c, n, (p - 1) * n),
+        ("all_reduce", "two_shot"): (2 * c, 2 * f * n + n / p, f * n),
         ("all_gather", "ring"): (p - 1, f * n, 0.0),
         ("all_gather", "recursive_doubling"): (
             L2 + 2 * fold,
