@@ -122,7 +122,8 @@ def test_openmp_threads_follow_torch() -> None:
 
 
 def test_thread_count_does_not_change_results() -> None:
-    case = make_case(SCENARIOS["mixed"], block_size=4, group=2)
+    # big enough (64 x 300 keys x 4 query heads) to run parallel rather than on the calling thread
+    case = make_case([(299, 1)] * 60 + [(100, 40)] * 4, block_size=16, group=2)
     write_kv(case.kv_cache, 0, case.k_new, case.v_new, case.meta.slot_mapping)
     before = torch.get_num_threads()
     try:

@@ -4,9 +4,9 @@
 //
 // Cache layout per layer: V is [num_blocks, num_kv_heads, block_size, head_dim] and K the same with
 // each tile transposed to [head_dim, block_size], so one kv head's block is one contiguous tile and
-// a block's scores are head_dim broadcast FMAs over block_size-wide key vectors. A work item is (sequence, kv head, tile of query
-// tokens): its rows are the tile's tokens times the query heads of that kv head (GQA), so every
-// K/V tile loaded from memory serves all of them while it sits in L1.
+// a block's scores are head_dim broadcast FMAs over block_size-wide key vectors. A work item is
+// (sequence, kv head, tile of query tokens): its rows are the tile's tokens times the query heads
+// of that kv head (GQA), so every K/V tile loaded from memory serves all of them while in L1.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -31,7 +31,9 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
-constexpr int64_t kPrefetchBlocks = 2;  // K/V tiles requested ahead of the one being computed
+constexpr int64_t kPrefetchBlocks = 2;
+// (query row, key) pairs below which a call runs on the calling thread only (~50 us of work)
+constexpr int64_t kParallelRowKeys = 1 << 16;  // K/V tiles requested ahead of the one being computed
 
 struct WorkItem {
   int32_t seq;
@@ -276,26 +278,41 @@ void attend_item(const WorkItem& w, const T* q, T* out, const T* k_pool, const T
   }
 }
 
-std::vector<WorkItem> make_work(const int32_t* qsl, int64_t num_seqs, int64_t Hkv,
-                                int64_t tile_tokens) {
+// Work items in longest-first order (LPT): a step mixes 1-token decodes with prefill tiles that
+// cost hundreds of times more, and handing the big ones out first keeps the dynamic schedule from
+// ending with one thread on a long tile while the other idles.
+std::vector<WorkItem> make_work(const int32_t* qsl, const int32_t* seq_lens, int64_t num_seqs,
+                                int64_t Hkv, int64_t tile_tokens, int64_t& total_cost) {
   std::vector<WorkItem> work;
+  std::vector<int64_t> cost;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = qsl[s + 1] - qsl[s];
-    // later tiles see more keys: queue them first so the dynamic schedule ends balanced
-    for (int64_t t = ((q_len - 1) / tile_tokens) * tile_tokens; t >= 0; t -= tile_tokens) {
+    const int64_t first_pos = seq_lens[s] - q_len;
+    for (int64_t t = 0; t < q_len; t += tile_tokens) {
+      const int64_t end = std::min(q_len, t + tile_tokens);
       for (int64_t h = 0; h < Hkv; ++h) {
         work.push_back({static_cast<int32_t>(s), static_cast<int32_t>(h), static_cast<int32_t>(t),
-                        static_cast<int32_t>(std::min(q_len, t + tile_tokens))});
+                        static_cast<int32_t>(end)});
+        cost.push_back((end - t) * (first_pos + end));  // rows x keys seen by the last row
       }
     }
   }
-  return work;
+  total_cost = 0;
+  for (int64_t c : cost) total_cost += c;
+  std::vector<int64_t> order(work.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::vector<WorkItem> sorted;
+  sorted.reserve(work.size());
+  for (int64_t i : order) sorted.push_back(work[i]);
+  return sorted;
 }
 
 }  // namespace
 
-// q [N, H, D]; k_pool [num_blocks, Hkv, D, bs]; v_pool [num_blocks, Hkv, bs, D]; block_tables [S, M] int32;
-// query_start_loc [S+1] int32; seq_lens [S] int32 -> out [N, H, D]
+// q [N, H, D]; k_pool [num_blocks, Hkv, D, bs]; v_pool [num_blocks, Hkv, bs, D];
+// block_tables [S, M], query_start_loc [S+1], seq_lens [S], all int32 -> out [N, H, D]
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                               torch::Tensor block_tables, torch::Tensor query_start_loc,
                               torch::Tensor seq_lens, double scale, int64_t tile_tokens) {
@@ -309,13 +326,15 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
   query_start_loc = query_start_loc.contiguous();
   seq_lens = seq_lens.contiguous();
   const int64_t H = q.size(1), D = q.size(2);
-  const int64_t Hkv = v_pool.size(1), bs = v_pool.size(2);
+  const int64_t Hkv = v_pool.size(1), bs = v_pool.size(2), group = H / std::max<int64_t>(Hkv, 1);
   TORCH_CHECK(H % Hkv == 0 && v_pool.size(3) == D && k_pool.size(2) == D,
               "head shapes of q and the K/V pools differ");
   auto out = torch::empty_like(q);
   const int64_t num_seqs = seq_lens.size(0);
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
-  const auto work = make_work(qsl, num_seqs, Hkv, tile_tokens);
+  int64_t total_cost = 0;
+  const auto work =
+      make_work(qsl, seq_lens.data_ptr<int32_t>(), num_seqs, Hkv, tile_tokens, total_cost);
   const int64_t num_items = static_cast<int64_t>(work.size());
   std::atomic<int64_t> next{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -327,16 +346,25 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
         const int32_t* bt = block_tables.data_ptr<int32_t>();
         const int32_t* sl = seq_lens.data_ptr<int32_t>();
         const int64_t bt_stride = block_tables.size(1);
-        const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), num_items);
-        // one chunk per thread of torch's own pool, items handed out dynamically: sequences differ
-        // in length, so a static split would leave a thread idle
-        at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
+        auto drain = [&](int64_t, int64_t) {
           std::vector<float> buf;
           for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) {
             attend_item<scalar_t>(work[i], qp, op, kp, vp, bt, bt_stride, qsl, sl, H, Hkv, bs, D,
                                   static_cast<float>(scale), buf);
           }
-        });
+        };
+        // a few microseconds of work: waking a second thread costs more than it saves, and on a
+        // busy machine a descheduled team member can hold the region's barrier for a time slice
+        const int64_t num_threads = total_cost * group < kParallelRowKeys
+                                        ? 1
+                                        : std::min<int64_t>(at::get_num_threads(), num_items);
+        if (num_threads == 1) {
+          drain(0, 1);
+        } else {
+          // one chunk per thread of torch's own pool, items handed out dynamically: sequences
+          // differ in length, so a static split would leave a thread idle
+          at::parallel_for(0, num_threads, 1, drain);
+        }
       });
   return out;
 }
