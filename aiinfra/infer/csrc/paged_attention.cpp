@@ -31,9 +31,9 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
-constexpr int64_t kPrefetchBlocks = 2;
+constexpr int64_t kPrefetchBlocks = 2;  // K/V tiles requested ahead of the one being computed
 // (query row, key) pairs below which a call runs on the calling thread only (~50 us of work)
-constexpr int64_t kParallelRowKeys = 1 << 16;  // K/V tiles requested ahead of the one being computed
+constexpr int64_t kParallelRowKeys = 1 << 16;
 
 struct WorkItem {
   int32_t seq;
@@ -44,35 +44,41 @@ struct WorkItem {
 
 // scores S[r, 0:bs] = q_r . K[:, 0:bs] for RN rows at once: K^T is [D, bs], so every key vector
 // load (block_size keys of one dim) feeds RN broadcast FMAs and no horizontal sum is needed.
-// U partial sums per row break the FMA latency chain along D (8 chains in flight).
-template <int RN>
-inline void qk_rows(const float* qf, const float* kt, float* S, int64_t bs, int64_t D) {
+// U partial sums per row break the FMA latency chain along D (8 chains in flight). FULL: the
+// chunk is a whole vector of keys (the usual case, block_size a multiple of the SIMD width).
+template <int RN, bool FULL>
+inline void qk_chunk(const float* qf, const float* kt, float* S, int64_t bs, int64_t D, int64_t kc,
+                     int64_t cnt) {
   constexpr int U = 8 / RN;
-  for (int64_t kc = 0; kc < bs; kc += kVec) {
-    const int64_t cnt = std::min(kVec, bs - kc);
-    auto load_k = [&](int64_t d) {
-      return cnt == kVec ? Vec::loadu(kt + d * bs + kc) : Vec::loadu(kt + d * bs + kc, cnt);
-    };
-    Vec acc[RN][U];
-    for (int i = 0; i < RN; ++i)
-      for (int u = 0; u < U; ++u) acc[i][u] = Vec(0.f);
-    int64_t d = 0;
-    for (; d + U <= D; d += U) {
-      for (int u = 0; u < U; ++u) {
-        const Vec k = load_k(d + u);
-        for (int i = 0; i < RN; ++i)
-          acc[i][u] = at::vec::fmadd(Vec(qf[i * D + d + u]), k, acc[i][u]);
-      }
-    }
-    for (; d < D; ++d) {
-      const Vec k = load_k(d);
-      for (int i = 0; i < RN; ++i) acc[i][0] = at::vec::fmadd(Vec(qf[i * D + d]), k, acc[i][0]);
-    }
-    for (int i = 0; i < RN; ++i) {
-      for (int u = 1; u < U; ++u) acc[i][0] = acc[i][0] + acc[i][u];
-      acc[i][0].store(S + i * bs + kc, cnt);
+  auto load_k = [&](int64_t d) {
+    return FULL ? Vec::loadu(kt + d * bs + kc) : Vec::loadu(kt + d * bs + kc, cnt);
+  };
+  Vec acc[RN][U];
+  for (int i = 0; i < RN; ++i)
+    for (int u = 0; u < U; ++u) acc[i][u] = Vec(0.f);
+  int64_t d = 0;
+  for (; d + U <= D; d += U) {
+    for (int u = 0; u < U; ++u) {
+      const Vec k = load_k(d + u);
+      for (int i = 0; i < RN; ++i)
+        acc[i][u] = at::vec::fmadd(Vec(qf[i * D + d + u]), k, acc[i][u]);
     }
   }
+  for (; d < D; ++d) {
+    const Vec k = load_k(d);
+    for (int i = 0; i < RN; ++i) acc[i][0] = at::vec::fmadd(Vec(qf[i * D + d]), k, acc[i][0]);
+  }
+  for (int i = 0; i < RN; ++i) {
+    for (int u = 1; u < U; ++u) acc[i][0] = acc[i][0] + acc[i][u];
+    acc[i][0].store(S + i * bs + kc, cnt);
+  }
+}
+
+template <int RN>
+inline void qk_rows(const float* qf, const float* kt, float* S, int64_t bs, int64_t D) {
+  int64_t kc = 0;
+  for (; kc + kVec <= bs; kc += kVec) qk_chunk<RN, true>(qf, kt, S, bs, D, kc, kVec);
+  if (kc < bs) qk_chunk<RN, false>(qf, kt, S, bs, D, kc, bs - kc);
 }
 
 inline void qk(const float* qf, const float* kt, float* S, int64_t rows, int64_t bs, int64_t D) {
@@ -137,26 +143,23 @@ inline void pv(float* acc, const float* alpha, const float* P, int64_t rows, int
 // online softmax step for one row over its n visible keys of this block: s[0:n] becomes
 // exp(s - m_new); returns alpha = exp(m_old - m_new), the factor rescaling what came before
 inline float softmax_step(float* s, int64_t n, float& m, float& l) {
-  float block_max = -std::numeric_limits<float>::infinity();
-  if (n == kVec) {
-    block_max = Vec::loadu(s).reduce_max();
-  } else {
-    for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, s[j]);
-  }
-  const float m_new = std::max(m, block_max);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  // lanes past n read as -inf: they lose the max and exp_u20 maps them to 0
+  auto load_s = [&](int64_t j) {
+    return j + kVec <= n ? Vec::loadu(s + j)
+                         : Vec::set(Vec(kNegInf), Vec::loadu(s + j, n - j), n - j);
+  };
+  Vec vmax(kNegInf);
+  for (int64_t j = 0; j < n; j += kVec) vmax = at::vec::maximum(vmax, load_s(j));
+  const float m_new = std::max(m, vmax.reduce_max());
   const float alpha = m_new == m ? 1.f : std::exp(m - m_new);  // 0 on the first block (m = -inf)
   Vec sum(0.f);
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) {
-    const Vec e = (Vec::loadu(s + j) - Vec(m_new)).exp_u20();
-    e.store(s + j);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const Vec e = (load_s(j) - Vec(m_new)).exp_u20();
+    e.store(s + j, std::min(kVec, n - j));
     sum = sum + e;
   }
-  float total = sum.reduce_add();
-  for (; j < n; ++j) {
-    s[j] = std::exp(s[j] - m_new);
-    total += s[j];
-  }
+  const float total = sum.reduce_add();
   l = l * alpha + total;
   m = m_new;
   return alpha;
