@@ -249,9 +249,9 @@ class SharedMemoryTransport(Transport):
         self.signal(tick)
         self.wait_tick(tick)
         if desc is not None:
-            raise_on_mismatch(
-                op, self.name, [c[slot : slot + len(desc)].tolist() for c in self.ctrls]
-            )
+            descs = [c[slot : slot + len(desc)].tolist() for c in self.ctrls]
+            if any(d != descs[0] for d in descs):
+                raise_on_mismatch(op, self.name, descs)
 
     def check_args(self, op: str, desc: Sequence[int]) -> None:
         self.barrier(desc, op)
