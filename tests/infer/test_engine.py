@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from aiinfra.infer import LLM, EngineConfig, LLMEngine, SamplingParams
+from aiinfra.infer.engine import parse_bytes
 from aiinfra.models import generate_greedy, load_model
 
 # tiny: 4 layers x 2 KV heads x 32 dims x fp32 x K and V = 2 KiB per token, 8 KiB per block of 4
@@ -259,3 +260,13 @@ def test_llm_generate_text_prompts_and_params_list(tiny_dir, reference):
     assert outs[1].outputs[0].token_ids == generate_greedy(reference, list(b"hi"), 2)
     with pytest.raises(ValueError, match="params"):
         llm.generate(["a", "b"], [_greedy(1)], use_tqdm=False)
+
+
+def test_parse_bytes():
+    assert parse_bytes("2GiB") == 2 * 2**30
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1.5GB") == 1_500_000_000
+    assert parse_bytes(4096) == 4096
+    for bad in ("2 parsecs", "", "-1GiB", 0):
+        with pytest.raises(ValueError, match="kv_cache_memory"):
+            parse_bytes(bad)
