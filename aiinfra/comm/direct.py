@@ -82,23 +82,45 @@ def two_shot_all_reduce(
     if registered is not None:
         _two_shot_registered(sm, x, registered[0], registered[1], op)
         return
+    # Software-pipelined: one barrier per chunk. After barrier i every rank has copied chunk i in
+    # and reduced chunk i-1, so each rank gathers chunk i-1 and reduces chunk i before the next.
     p, r = sm.world_size, sm.rank
     desc = describe("all_reduce", x, op)
-    for i, a, b in _chunks(sm, x.numel(), x.element_size()):
-        with _Halves(sm) as h:
-            stage = _stage(sm, h, b - a, x.dtype)
-            xin, xout = x[a:b], out[a:b]
+    pending: tuple[int, int, int, list[int]] | None = None  # (half, start, end, slice bounds)
+    chunks = list(_chunks(sm, x.numel(), x.element_size()))
+    for i in range(len(chunks) + 1):
+        current = None
+        if i < len(chunks):
+            _, a, b = chunks[i]
+            h = sm.next_half()
+            sm.acquire_half(h)
             sb = chunk_bounds(b - a, p)
+            own = _stage(sm, h, b - a, x.dtype)[r]
+            own[: sb[r]].copy_(x[a : a + sb[r]])  # only the slices peers reduce
+            own[sb[r + 1] :].copy_(x[a + sb[r + 1] : b])
+            current = (h, a, b, sb)
+        sm.barrier(desc if i == 0 else None, "all_reduce")
+        if pending is not None:
+            _gather_slices(sm, out, *pending)
+        if current is not None:
+            h, a, b, sb = current
+            stage = _stage(sm, h, b - a, x.dtype)
             lo, hi = sb[r], sb[r + 1]
-            stage[r][:lo].copy_(xin[:lo])  # only the slices peers reduce; ours is read from x
-            stage[r][hi:].copy_(xin[hi:])
-            sm.barrier(desc if i == 0 else None, "all_reduce")
             mine = stage[r][lo:hi]
-            _reduce_all(mine, [xin[lo:hi] if q == r else stage[q][lo:hi] for q in range(p)], op)
+            srcs = [x[a + lo : a + hi] if q == r else stage[q][lo:hi] for q in range(p)]
+            _reduce_all(mine, srcs, op)
             finish_avg(mine, p, op)
-            sm.barrier()
-            for q in range(p):
-                xout[sb[q] : sb[q + 1]].copy_(stage[q][sb[q] : sb[q + 1]])
+        pending = current
+
+
+def _gather_slices(
+    sm: SharedMemoryTransport, out: torch.Tensor, half: int, a: int, b: int, sb: list[int]
+) -> None:
+    """Copy every rank's reduced slice of chunk [a, b) out of staging, then release our half."""
+    stage = _stage(sm, half, b - a, out.dtype)
+    for q in range(sm.world_size):
+        out[a + sb[q] : a + sb[q + 1]].copy_(stage[q][sb[q] : sb[q + 1]])
+    sm.release_half(half)
 
 
 def _two_shot_registered(
