@@ -92,15 +92,24 @@ def gather_sdpa(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> tor
     return out[:, :, 0]
 
 
-def time_ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]  # median: the machine is shared, the mean is noisy
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], repeat: int, slow: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Median ms of each fn, timed round-robin so all see the same load on a shared machine.
+
+    The `slow` ones (the references, ~1 s) get only 3 of the rounds.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for i in range(repeat):
+        for name, fn in fns.items():
+            if name in slow and i >= 3:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def linear_layers(num_tokens: int) -> Callable[[], object]:
@@ -125,18 +134,21 @@ def run_case(
 ) -> dict[str, float | str]:
     q, cache, meta, k, v = build(cached, new, dtype)
     scale = 1 / math.sqrt(D)
-    row: dict[str, float | str] = {"case": name, "dtype": str(dtype).removeprefix("torch.")}
-    row["ref_ms"] = time_ms(lambda: paged_attention_ref(q, cache, 0, meta, scale), repeat)
-    row["fast_ms"] = time_ms(lambda: paged_attention(q, cache, 0, meta, scale), repeat)
-    row["linear_ms"] = time_ms(linear_layers(q.shape[0]), repeat)
+    fns: dict[str, Callable[[], object]] = {
+        "ref_ms": lambda: paged_attention_ref(q, cache, 0, meta, scale),
+        "fast_ms": lambda: paged_attention(q, cache, 0, meta, scale),
+        "linear_ms": linear_layers(q.shape[0]),
+    }
+    slow = ("ref_ms",)
     if meta.max_query_len == 1:
-        row["stream_ms"] = time_ms(stream(cache, meta), repeat)
+        fns["stream_ms"] = stream(cache, meta)
+        fns["write_kv_ref_ms"] = lambda: write_kv_ref(cache, 0, k, v, meta.slot_mapping)
+        fns["write_kv_ms"] = lambda: write_kv(cache, 0, k, v, meta.slot_mapping)
         if dtype == torch.float32:
-            row["gather_sdpa_ms"] = time_ms(lambda: gather_sdpa(q, cache, meta), 3)
-        row["write_kv_ref_ms"] = time_ms(
-            lambda: write_kv_ref(cache, 0, k, v, meta.slot_mapping), repeat
-        )
-        row["write_kv_ms"] = time_ms(lambda: write_kv(cache, 0, k, v, meta.slot_mapping), repeat)
+            fns["gather_sdpa_ms"] = lambda: gather_sdpa(q, cache, meta)
+            slow += ("gather_sdpa_ms",)
+    row: dict[str, float | str] = {"case": name, "dtype": str(dtype).removeprefix("torch.")}
+    row.update(time_interleaved(fns, repeat, slow))
     return row
 
 
@@ -157,7 +169,7 @@ def main() -> None:
         "chunked prefill 512 cached + 512": ([512], [512]),
         "mixed 120 decode + 1 x 256 prefill": ([c - 1 for c in ctx[:120]] + [0], [1] * 120 + [256]),
     }
-    print(f"threads={args.threads}  (ms per layer, medians of {args.repeat}; baselines same run)")
+    print(f"threads={args.threads}  (ms per layer, medians, timed round-robin with the baselines)")
     rows = []
     for name, (cached, new) in cases.items():
         for dtype in (torch.float32, torch.bfloat16):

@@ -232,9 +232,8 @@ def write_kv(
     if k.shape[0] == 0:
         return
     if _is_cpu_fast(kv_cache) and (ext := cpu_extension()) is not None:
-        ext.write_kv(
-            kv_cache.key_cache(layer_idx), kv_cache.value_cache(layer_idx), k, v, slot_mapping
-        )
+        k_pool, v_pool = kv_cache.key_cache(layer_idx), kv_cache.value_cache(layer_idx)
+        ext.write_kv(k_pool, v_pool, k, v, slot_mapping.to(torch.int64))
         return
     if kv_cache.device.type == "cuda" and (tri := triton_module()) is not None:
         tri.write_kv_triton(kv_cache, layer_idx, k, v, slot_mapping)
@@ -319,9 +318,9 @@ def paged_attention_cpu(
         q,
         kv_cache.key_cache(layer_idx),
         kv_cache.value_cache(layer_idx),
-        meta.block_tables,
-        meta.query_start_loc,
-        meta.seq_lens,
+        meta.block_tables.to(torch.int32),  # no-ops for the contract's int32
+        meta.query_start_loc.to(torch.int32),
+        meta.seq_lens.to(torch.int32),
         scale,
         CPU_TILE_TOKENS,
     )

@@ -101,6 +101,26 @@ def test_write_kv_casts_to_cache_dtype() -> None:
     )
 
 
+def test_strided_inputs_and_wider_index_types() -> None:
+    case = make_case(SCENARIOS["mixed"], block_size=4, group=2)
+    expected = make_case(SCENARIOS["mixed"], block_size=4, group=2)
+    ref_k, ref_v = expected.k_new, expected.v_new
+    write_kv_ref(expected.kv_cache, 0, ref_k, ref_v, expected.meta.slot_mapping)
+    ref = paged_attention_ref(expected.q, expected.kv_cache, 0, expected.meta, expected.scale)
+    # the model hands over views: heads-major copies transposed back, so not contiguous
+    k = case.k_new.transpose(0, 1).contiguous().transpose(0, 1)
+    v = case.v_new.transpose(0, 1).contiguous().transpose(0, 1)
+    q = case.q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not (k.is_contiguous() or q.is_contiguous())
+    meta = case.meta
+    meta.slot_mapping = meta.slot_mapping.int()
+    meta.block_tables, meta.query_start_loc = meta.block_tables.long(), meta.query_start_loc.long()
+    write_kv(case.kv_cache, 0, k, v, meta.slot_mapping)
+    out = paged_attention(q, case.kv_cache, 0, meta, case.scale)
+    # fp32, other summation order and exp polynomial (see test_fast_matches_ref)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_dispatch_uses_the_kernel() -> None:
     case = make_case(SCENARIOS["decode"], block_size=16, group=2)
     write_kv(case.kv_cache, 0, case.k_new, case.v_new, case.meta.slot_mapping)
