@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -170,6 +171,7 @@ def _is_cpu_fast(kv_cache: KVCache) -> bool:
 
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STALE_LOCK_S = 600  # a build takes ~1 min even on a busy machine
 _cpu_ext: ModuleType | None = None
 _cpu_ext_failed = False
 
@@ -184,6 +186,11 @@ def cpu_extension() -> ModuleType | None:
 
         build_dir = _extension_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
+        lock = build_dir / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            # a build killed midway leaves its lock, and torch's loader would wait on it forever
+            logger.warning("paged attention: removing stale build lock %s", lock)
+            lock.unlink(missing_ok=True)
         flags = ["-O3", "-march=native", "-fopenmp"]
         capability = torch.backends.cpu.get_cpu_capability()
         if capability in ("AVX512", "AVX2"):

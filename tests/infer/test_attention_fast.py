@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +175,23 @@ def test_fallback_when_the_build_fails(monkeypatch, caplog) -> None:
     assert caplog.text.count("unavailable") == 1  # warned once, not per call
     ref = paged_attention_ref(case.q, case.kv_cache, 0, case.meta, case.scale)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)  # it is the reference
+
+
+def test_stale_build_lock_is_removed(monkeypatch, tmp_path) -> None:
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen["lock_left"] = (Path(kwargs["build_directory"]) / "lock").exists()
+        return ext
+
+    monkeypatch.setenv("AIINFRA_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(attention, "_cpu_ext", None)
+    monkeypatch.setattr(attention, "_cpu_ext_failed", False)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", fake_load)
+    lock = attention._extension_dir() / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 2 * attention._STALE_LOCK_S
+    os.utime(lock, (old, old))
+    assert attention.cpu_extension() is ext
+    assert seen == {"lock_left": False}
