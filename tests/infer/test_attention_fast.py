@@ -84,6 +84,15 @@ def test_fast_low_precision(dtype: torch.dtype) -> None:
     torch.testing.assert_close(fast.float(), ref.float(), atol=tol, rtol=tol)
 
 
+def test_fast_fp32_queries_on_a_bf16_cache() -> None:
+    case = make_case(SCENARIOS["mixed"], block_size=16, group=2, dtype=torch.bfloat16)
+    case.q = case.q.float() + 1e-3 * torch.randn_like(case.q.float())  # not bf16-representable
+    ref, fast = ref_and_fast(case)
+    assert fast.dtype == torch.float32
+    # both compute in fp32 from fp32 q and the same bf16 K/V: fp32 summation-order differences only
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_write_kv_matches_ref(dtype: torch.dtype) -> None:
     case = make_case([(3, 9), (0, 17), (10, 1)], block_size=4, group=1, dtype=dtype)

@@ -201,7 +201,7 @@ inline const float* as_float(const T* src, float* scratch, int64_t n) {
 }
 
 template <typename T>
-void attend_item(const WorkItem& w, const T* q, T* out, const T* k_pool, const T* v_pool,
+void attend_item(const WorkItem& w, const float* q, float* out, const T* k_pool, const T* v_pool,
                  const int32_t* block_tables, int64_t bt_stride, const int32_t* qsl,
                  const int32_t* seq_lens, int64_t H, int64_t Hkv, int64_t bs, int64_t D,
                  float scale, std::vector<float>& buf) {
@@ -226,8 +226,8 @@ void attend_item(const WorkItem& w, const T* q, T* out, const T* k_pool, const T
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t tok = w.tok_begin + r / group;
     const int64_t h = w.kv_head * group + r % group;
-    const T* src = q + ((q_start + tok) * H + h) * D;
-    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]) * scale;
+    const float* src = q + ((q_start + tok) * H + h) * D;
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = src[d] * scale;
     std::fill(acc + r * D, acc + (r + 1) * D, 0.f);
     m[r] = -std::numeric_limits<float>::infinity();
     l[r] = 0.f;
@@ -275,9 +275,9 @@ void attend_item(const WorkItem& w, const T* q, T* out, const T* k_pool, const T
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t tok = w.tok_begin + r / group;
     const int64_t h = w.kv_head * group + r % group;
-    T* dst = out + ((q_start + tok) * H + h) * D;
+    float* dst = out + ((q_start + tok) * H + h) * D;
     const float inv = 1.f / l[r];
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv);
+    for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
   }
 }
 
@@ -315,7 +315,7 @@ std::vector<WorkItem> make_work(const int32_t* qsl, const int32_t* seq_lens, int
 }  // namespace
 
 // q [N, H, D]; k_pool [num_blocks, Hkv, D, bs]; v_pool [num_blocks, Hkv, bs, D];
-// block_tables [S, M], query_start_loc [S+1], seq_lens [S], all int32 -> out [N, H, D]
+// block_tables [S, M], query_start_loc [S+1], seq_lens [S], all int32 -> out [N, H, D] fp32
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                               torch::Tensor block_tables, torch::Tensor query_start_loc,
                               torch::Tensor seq_lens, double scale, int64_t tile_tokens) {
@@ -324,7 +324,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && query_start_loc.scalar_type() == at::kInt &&
                   seq_lens.scalar_type() == at::kInt,
               "block_tables, query_start_loc and seq_lens must be int32");
-  q = q.to(k_pool.scalar_type()).contiguous();
+  // q and out stay fp32 whatever the cache dtype (a bf16 cache under an fp32 model loses no
+  // precision beyond the cached K/V); the caller casts out back to q's dtype
+  q = q.to(at::kFloat).contiguous();
   block_tables = block_tables.contiguous();
   query_start_loc = query_start_loc.contiguous();
   seq_lens = seq_lens.contiguous();
@@ -342,8 +344,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tens
   std::atomic<int64_t> next{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, k_pool.scalar_type(), "paged_attention", [&] {
-        const scalar_t* qp = q.data_ptr<scalar_t>();
-        scalar_t* op = out.data_ptr<scalar_t>();
+        const float* qp = q.data_ptr<float>();
+        float* op = out.data_ptr<float>();
         const scalar_t* kp = k_pool.data_ptr<scalar_t>();
         const scalar_t* vp = v_pool.data_ptr<scalar_t>();
         const int32_t* bt = block_tables.data_ptr<int32_t>();
