@@ -220,19 +220,6 @@ def time_interleaved(
     return (medians / dist.get_world_size()).tolist()
 
 
-def time_op(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Seconds per call, averaged over iterations and then over ranks."""
-    for _ in range(warmup):
-        fn()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 def _make_op(
     group: object,
     op: str,
@@ -383,6 +370,6 @@ def measure_samples(group: object, sizes: Sequence[int], iters: int) -> dict[str
             for nbytes in sizes:
                 fn, _ = _make_op(group, op, impl, nbytes, torch.float32, None)
                 n = max(2, min(iters, (64 << 20) // nbytes))
-                seconds = time_op(fn, 1, n)
+                (seconds,) = time_interleaved([fn], 1, n, repeats=3)  # median of 3 blocks
                 samples[key].append(Sample(op, algorithm, nbytes, group.world_size, seconds))
     return samples

@@ -97,7 +97,7 @@ def check_calibration_predicts(rank: int, world_size: int, path: str) -> None:
     import torch
 
     from aiinfra.comm import all_reduce
-    from aiinfra.comm.bench import time_op
+    from aiinfra.comm.bench import time_interleaved
 
     group = CommGroup(dist.group.WORLD, CommConfig(tuning_path=None), name="calib")
     sizes = tuple(8 << (2 * i) for i in range(9))  # 8 B .. 512 KiB
@@ -108,20 +108,23 @@ def check_calibration_predicts(rank: int, world_size: int, path: str) -> None:
     # held-out sizes (not in the sweep): the model must predict the measured time within a factor 3,
     # which is what a CPU shared with other jobs allows (CI runs beside other test processes)
     errors = []
-    # the shm direct path and torch's own collective are what auto picks between on one host
-    for impl, algo, key in [("two_shot@shm", "two_shot", "shm"), ("torch", "native", "native")]:
-        for nbytes in (3 << 10, 3 << 18):
-            x = torch.ones(nbytes // 4)
-            measured = time_op(lambda x=x, impl=impl: all_reduce(x, group, impl=impl), 2, 10)
-            predicted = algorithm_cost("all_reduce", algo, nbytes, world_size, fitted[key])
-            errors.append(abs(math.log(predicted / measured)))
+    # what auto picks between on one host: one-shot for small sizes, two-shot for large ones, and
+    # torch's own collective
+    cases = [("one_shot@shm", "one_shot", "shm", 3 << 10)]
+    cases += [("two_shot@shm", "two_shot", "shm", 3 << 18)]
+    cases += [("torch", "native", "native", n) for n in (3 << 10, 3 << 18)]
+    for impl, algo, key, nbytes in cases:
+        x = torch.ones(nbytes // 4)
+        fn = lambda x=x, impl=impl: all_reduce(x, group, impl=impl)  # noqa: E731
+        (measured,) = time_interleaved([fn], 2, 10, repeats=3)
+        predicted = algorithm_cost("all_reduce", algo, nbytes, world_size, fitted[key])
+        errors.append(abs(math.log(predicted / measured)))
     errors.sort()
     assert errors[len(errors) // 2] < math.log(3), f"median |log(pred/measured)| {errors}"
-    # and auto follows the fitted model: latency-bound small, bandwidth-friendly large
-    assert tuned.choose("all_reduce", 8, torch.device("cpu"))[0] in (
-        "one_shot",
-        "recursive_doubling",
-    )
+    # with the fitted values, 8 bytes never go to a bandwidth-bound algorithm (gloo's own collective
+    # may win on a loaded machine: it is latency-bound at that size too)
+    small = tuned.choose("all_reduce", 8, torch.device("cpu"))[0]
+    assert small not in ("ring", "rabenseifner", "two_shot", "double_binary_tree"), small
     group.destroy()
     tuned.destroy()
 
