@@ -48,9 +48,9 @@ def _exchange(tr: Transport, send: torch.Tensor, dst: int, recv: torch.Tensor, s
 
 
 # --- folding a non-power-of-two world into a power of two -----------------------------------------
-# The first 2*rem ranks pair up (2v, 2v+1) and act as one virtual rank v; the others are v = r -
-# rem.
-# Virtual rank v then owns the contiguous blocks of its real ranks: [start(v), start(v+1)).
+# The first 2*rem ranks pair up (2v, 2v+1) and act as one virtual rank v; the others are
+# v = r - rem. Virtual rank v then owns the contiguous blocks of its real ranks:
+# [start(v), start(v+1)).
 
 
 def _fold(world_size: int, rank: int) -> tuple[int, int, int]:

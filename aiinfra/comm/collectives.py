@@ -43,9 +43,7 @@ class CommConfig:
     timeout_s: float = 60.0  # a peer that has not arrived by then is named in a TimeoutError
     use_shm: bool = True  # shared-memory transport when every rank of the group is on this host
     shm: ShmConfig = field(default_factory=ShmConfig)
-    check_args: bool = (
-        True  # point-to-point algorithms first compare (op, count, dtype) across ranks
-    )
+    check_args: bool = True  # p2p algorithms first compare (op, count, dtype) across ranks
     tuning_path: Path | None = DEFAULT_TUNING_PATH  # calibrate()'s output; defaults used if absent
 
     def __post_init__(self) -> None:

@@ -15,8 +15,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-# Reduction ops and dtypes travel between ranks as small integers (argument checks, shm
-# descriptors).
+# Reduction ops and dtypes travel between ranks as small integers (argument checks, descriptors).
 REDUCE_OPS = ("sum", "avg", "max", "min")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.uint8)
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "barrier")

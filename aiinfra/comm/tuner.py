@@ -37,8 +37,7 @@ SHM_ALGORITHMS: dict[str, tuple[str, ...]] = {
     "barrier": ("direct",),
 }
 NATIVE = "native"  # torch.distributed's own collective (gloo, NCCL)
-# cost-model keys: direct algorithms on shm, point-to-point algorithms on shm mailboxes, on torch,
-# native
+# cost-model keys: shm direct algorithms, point-to-point on shm mailboxes, on torch, and native
 TRANSPORTS = ("shm", "shm_p2p", "torch", NATIVE)
 # ShmConfig.chunk_bytes default: direct algorithms pay a barrier per chunk, and on a CPU shared with
 # other jobs each barrier can cost a scheduling delay (measured there: 16 MiB chunks ran a 64 MiB
