@@ -6,7 +6,7 @@ token budget of fresh prompts and a chunk continuing a cached prefix. Baselines 
 the layer's linear layers on the same tokens (linear_ms) and, for decode, summing as many bytes as
 the K/V reads (stream_ms, the memory-bandwidth floor).
 
-    python benchmarks/attention_bench.py [--threads 2] [--repeat 20] [--json PATH]
+    python benchmarks/attention_bench.py [--threads 2] [--repeat 20] [--json PATH] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -93,7 +93,10 @@ def gather_sdpa(q: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> tor
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeat: int, slow: tuple[str, ...] = ()
+    fns: dict[str, Callable[[], object]],
+    repeat: int,
+    slow: tuple[str, ...] = (),
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median ms of each fn, timed round-robin so all see the same load on a shared machine.
 
@@ -106,9 +109,9 @@ def time_interleaved(
         for name, fn in fns.items():
             if name in slow and i >= 3:
                 continue
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
@@ -130,7 +133,12 @@ def stream(cache: KVCache, meta: AttentionMetadata) -> Callable[[], object]:
 
 
 def run_case(
-    name: str, cached: list[int], new: list[int], dtype: torch.dtype, repeat: int
+    name: str,
+    cached: list[int],
+    new: list[int],
+    dtype: torch.dtype,
+    repeat: int,
+    clock: Callable[[], float],
 ) -> dict[str, float | str]:
     q, cache, meta, k, v = build(cached, new, dtype)
     scale = 1 / math.sqrt(D)
@@ -148,7 +156,7 @@ def run_case(
             fns["gather_sdpa_ms"] = lambda: gather_sdpa(q, cache, meta)
             slow += ("gather_sdpa_ms",)
     row: dict[str, float | str] = {"case": name, "dtype": str(dtype).removeprefix("torch.")}
-    row.update(time_interleaved(fns, repeat, slow))
+    row.update(time_interleaved(fns, repeat, slow, clock))
     return row
 
 
@@ -157,7 +165,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: the calling thread's CPU time (needs --threads 1); steadier on a busy machine",
+    )
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit(f"--clock cpu needs --threads 1 (got --threads {args.threads})")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     if cpu_extension() is None:
         raise SystemExit("the C++ kernel could not be built; nothing to compare")
@@ -169,11 +186,14 @@ def main() -> None:
         "chunked prefill 512 cached + 512": ([512], [512]),
         "mixed 120 decode + 1 x 256 prefill": ([c - 1 for c in ctx[:120]] + [0], [1] * 120 + [256]),
     }
-    print(f"threads={args.threads}  (ms per layer, medians, timed round-robin with the baselines)")
+    print(
+        f"threads={args.threads} clock={args.clock}  "
+        "(ms per layer, medians, timed round-robin with the baselines)"
+    )
     rows = []
     for name, (cached, new) in cases.items():
         for dtype in (torch.float32, torch.bfloat16):
-            row = run_case(name, cached, new, dtype, args.repeat)
+            row = run_case(name, cached, new, dtype, args.repeat, clock)
             rows.append(row)
             times = "".join(f"  {k}={v:.2f}" for k, v in row.items() if k.endswith("_ms"))
             ratio = float(row["ref_ms"]) / float(row["fast_ms"])
@@ -182,7 +202,7 @@ def main() -> None:
             print(f"{label}{times}  ref/fast={ratio:.1f}x  fast/linear={versus:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "rows": rows}, f, indent=2)
+            json.dump({"threads": args.threads, "clock": args.clock, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
