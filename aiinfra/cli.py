@@ -284,7 +284,10 @@ def bench_comm(
     ] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     warmup: Annotated[int, typer.Option(help="Untimed calls per size.")] = 3,
-    iters: Annotated[int, typer.Option(help="Timed calls per size (fewer above 16 MiB).")] = 20,
+    iters: Annotated[int, typer.Option(help="Calls per timed block (fewer above 8 MiB).")] = 20,
+    repeats: Annotated[
+        int, typer.Option(help="Timed blocks per impl, impls taking turns; median reported.")
+    ] = 5,
     calibrate: Annotated[
         bool, typer.Option(help="Fit the cost model on these ranks first and save it.")
     ] = False,
@@ -313,6 +316,7 @@ def bench_comm(
             dtype=dtype,
             warmup=warmup,
             iters=iters,
+            repeats=repeats,
             calibrate=calibrate,
             tuning_path=tuning or DEFAULT_TUNING_PATH,
             chunk_bytes=_parse_size(chunk),

@@ -43,7 +43,8 @@ TRANSPORTS = ("shm", "shm_p2p", "torch", NATIVE)
 # other jobs each barrier can cost a scheduling delay (measured there: 16 MiB chunks ran a 64 MiB
 # all_reduce about twice as fast as 1 MiB chunks); staging costs 2 chunks of memory per rank
 SHM_CHUNK_BYTES = 8 << 20
-CALIBRATION_SIZES = tuple(8 << (2 * k) for k in range(12))  # 8 B .. 32 MiB, every factor of 4
+# 8 B .. 32 MiB every factor of 4, and 64 MiB (the size DP buckets and the benchmark use)
+CALIBRATION_SIZES = (*(8 << (2 * k) for k in range(12)), 64 << 20)
 DEFAULT_TUNING_PATH = Path.home() / ".cache" / "aiinfra" / "comm_tuning.json"
 
 
@@ -101,7 +102,8 @@ def cost_terms(
         ("all_reduce", "double_binary_tree"): _tree_terms(p, n),
         # direct: alpha counts barriers (a release is a store); beta a copy, gamma an add per byte
         ("all_reduce", "one_shot"): (c, n, (p - 1) * n),
-        ("all_reduce", "two_shot"): (2 * c, 2 * f * n + n / p, f * n),
+        # two-shot is software-pipelined: one barrier per chunk plus one to drain
+        ("all_reduce", "two_shot"): (c + 1, 2 * f * n + n / p, f * n),
         ("all_gather", "ring"): (p - 1, f * n, 0.0),
         ("all_gather", "recursive_doubling"): (
             L2 + 2 * fold,
