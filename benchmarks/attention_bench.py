@@ -3,8 +3,9 @@
 Shapes are bench-32m's (8 heads, 4 kv heads, head_dim 64, block 16). The decode case is the
 issue's: 128 sequences, context uniform in [64, 764] (average ~414). Prefill cases are a full
 token budget of fresh prompts and a chunk continuing a cached prefix. Baselines in the same run:
-the layer's linear layers on the same tokens (linear_ms) and, for decode, summing as many bytes as
-the K/V reads (stream_ms, the memory-bandwidth floor).
+the layer's linear layers on the same tokens (linear_ms); for decode, summing as many bytes as the
+K/V reads (stream_ms, the memory-bandwidth floor); for equal-length fresh prompts, SDPA on dense
+unpaged tensors (sdpa_dense_ms).
 
     python benchmarks/attention_bench.py [--threads 2] [--repeat 20] [--json PATH] [--clock cpu]
 """
@@ -125,6 +126,16 @@ def linear_layers(num_tokens: int) -> Callable[[], object]:
     return lambda: (x @ w_qkv, x @ w_o, x @ w_gate_up, h @ w_down)
 
 
+def dense_causal_sdpa(num_seqs: int, seq_len: int, dtype: torch.dtype) -> Callable[[], object]:
+    """Fresh prompts of one length as dense [S, H, L, D] tensors, SDPA is_causal with GQA: what a
+    prefill would cost without paging (no gather, no mask), the bar for a long-query torch path."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(num_seqs, H, seq_len, D, generator=gen).to(dtype)
+    k = torch.randn(num_seqs, HKV, seq_len, D, generator=gen).to(dtype)
+    v = torch.randn(num_seqs, HKV, seq_len, D, generator=gen).to(dtype)
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 def stream(cache: KVCache, meta: AttentionMetadata) -> Callable[[], object]:
     """Summing as many cache bytes as decode attention must read: the memory-bandwidth floor."""
     num_tokens = int(meta.seq_lens.sum())
@@ -155,6 +166,8 @@ def run_case(
         if dtype == torch.float32:
             fns["gather_sdpa_ms"] = lambda: gather_sdpa(q, cache, meta)
             slow += ("gather_sdpa_ms",)
+    if not any(cached) and len(set(new)) == 1:
+        fns["sdpa_dense_ms"] = dense_causal_sdpa(len(new), new[0], dtype)
     row: dict[str, float | str] = {"case": name, "dtype": str(dtype).removeprefix("torch.")}
     row.update(time_interleaved(fns, repeat, slow, clock))
     return row
