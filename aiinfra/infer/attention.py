@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 # query tokens per C++ work item: rows x head_dim accumulators stay in L1 while a K/V tile is reused
 CPU_TILE_TOKENS = 16
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the C++ kernel instantiates
+_STALE_LOCK_S = 600  # a build takes ~1 min even on a busy machine
 
 _DTYPES = {
     "float32": torch.float32,
@@ -170,8 +172,6 @@ def _is_cpu_fast(kv_cache: KVCache) -> bool:
     return kv_cache.device.type == "cpu" and kv_cache.dtype in _CPU_DTYPES
 
 
-_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_STALE_LOCK_S = 600  # a build takes ~1 min even on a busy machine
 _cpu_ext: ModuleType | None = None
 _cpu_ext_failed = False
 
