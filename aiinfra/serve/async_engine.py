@@ -204,20 +204,20 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         live: set[str] = set()  # requests inside the engine, seen from this thread
         while not self._stopping:
-            if not self._drain(live, block=not self.engine.has_unfinished_requests()):
-                break
-            if not self.engine.has_unfinished_requests():
-                continue
             try:
+                if not self._drain(live, block=not self.engine.has_unfinished_requests()):
+                    break
+                if not self.engine.has_unfinished_requests():
+                    continue
                 outputs = self.engine.step()
-            except Exception as e:
+                snapshot = [_snapshot(out) for out in outputs]
+            except Exception as e:  # the loop outlives any engine error: only live requests fail
                 self._fail_live(live, e)
                 continue
-            snapshot = [_snapshot(out) for out in outputs]
             for out in outputs:
                 if out.finished:
                     live.discard(out.request_id)
-            self.stats = self.engine.get_stats()
+            self._refresh_stats()
             self._call(self._deliver, snapshot, [], None)
 
     def _drain(self, live: set[str], *, block: bool) -> bool:
@@ -227,21 +227,23 @@ class AsyncLLMEngine:
             cmd = self._commands.get(timeout=1.0) if block else self._commands.get_nowait()
         except queue.Empty:
             return True
-        while True:
-            if cmd is None:
-                return False
-            if isinstance(cmd, _Add):
-                results.append((cmd.request_id, self._add(cmd, live)))
-            elif cmd.request_id in live:
-                live.discard(cmd.request_id)
-                self.engine.abort_request(cmd.request_id)
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
-        self.stats = self.engine.get_stats()  # before the acks: num_waiting never undercounts
-        if results:
-            self._call(self._acknowledge, results)
+        try:
+            while True:
+                if cmd is None:
+                    return False
+                if isinstance(cmd, _Add):
+                    results.append((cmd.request_id, self._add(cmd, live)))
+                elif cmd.request_id in live:
+                    live.discard(cmd.request_id)
+                    self._abort(cmd.request_id)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+        finally:
+            self._refresh_stats()  # before the acks: num_waiting never undercounts
+            if results:
+                self._call(self._acknowledge, results)
         return True
 
     def _add(self, cmd: _Add, live: set[str]) -> BaseException | None:
@@ -260,14 +262,23 @@ class AsyncLLMEngine:
         logger.exception("engine step failed; failing its %d requests", len(live))
         self.counters.num_step_errors += 1
         for request_id in live:
-            try:
-                self.engine.abort_request(request_id)
-            except Exception:
-                logger.exception("abort_request(%s) failed after a step error", request_id)
+            self._abort(request_id)
         failed = list(live)
         live.clear()
-        self.stats = self.engine.get_stats()
+        self._refresh_stats()
         self._call(self._deliver, [], failed, f"{type(error).__name__}: {error}")
+
+    def _abort(self, request_id: str) -> None:
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:
+            logger.exception("engine.abort_request(%s) failed", request_id)
+
+    def _refresh_stats(self) -> None:
+        try:
+            self.stats = self.engine.get_stats()
+        except Exception:
+            logger.exception("engine.get_stats() failed; /metrics keeps the previous figures")
 
     def _call(self, fn: Any, *args: Any) -> None:
         assert self._loop is not None

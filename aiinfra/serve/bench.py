@@ -109,7 +109,7 @@ async def _run(
     max_concurrency: int | None,
     model: str | None,
     api_key: str | None,
-) -> tuple[list[RequestResult], float, str]:
+) -> tuple[list[RequestResult], float, str, float | None]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = max_concurrency or len(requests)
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
@@ -120,6 +120,7 @@ async def _run(
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
         assert model is not None
+        cpu_before = await _server_cpu_seconds(client, base)
         gate = asyncio.Semaphore(limit)
         results = [RequestResult(len(r["prompt_token_ids"]), r["max_tokens"]) for r in requests]
         t_bench = time.perf_counter()
@@ -140,7 +141,21 @@ async def _run(
 
         await asyncio.gather(*(one(i) for i in range(len(requests))))
         duration = time.perf_counter() - t_bench
-    return results, duration, model
+        cpu_after = await _server_cpu_seconds(client, base)
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return results, duration, model, cpu
+
+
+async def _server_cpu_seconds(client: httpx.AsyncClient, base: str) -> float | None:
+    """The server's process_cpu_seconds_total from /metrics (ours and vLLM's export it), if any."""
+    try:
+        r = await client.get(base + "/metrics")
+    except httpx.HTTPError:
+        return None
+    for line in r.text.splitlines() if r.status_code == 200 else []:
+        if line.startswith("process_cpu_seconds_total "):
+            return float(line.split()[1])
+    return None
 
 
 def run_online_bench(
@@ -166,7 +181,7 @@ def run_online_bench(
     if not base.startswith(("http://", "https://")):
         raise ValueError(f"url ({url!r}) must start with http:// or https://")
     arrivals = poisson_arrivals(len(requests), request_rate, seed)
-    results, duration, model = asyncio.run(
+    results, duration, model, server_cpu_s = asyncio.run(
         _run(
             base,
             requests,
@@ -178,6 +193,11 @@ def run_online_bench(
     )
     result = _report(results, duration, request_rate, max_concurrency, slo_ttft_ms, slo_tpot_ms)
     result["model"], result["url"] = model, base
+    # CPU seconds the server process used while serving the run (None if it does not export them)
+    result["server_cpu_seconds"] = server_cpu_s
+    result["output_tok_per_server_cpu_s"] = (
+        result["output_tokens"] / server_cpu_s if server_cpu_s else None
+    )
     if print_table:
         _print_table(result)
     if plot_path is not None:
@@ -249,6 +269,9 @@ def _print_table(result: dict[str, Any]) -> None:
     head.add_row("total throughput (tok/s)", f"{result['total_tok_per_s']:.1f}")
     if result["goodput_req_per_s"] is not None:
         head.add_row("goodput (req/s)", f"{result['goodput_req_per_s']:.2f}")
+    if result["server_cpu_seconds"] is not None:
+        head.add_row("server CPU time (s)", f"{result['server_cpu_seconds']:.1f}")
+        head.add_row("output tok / server CPU s", f"{result['output_tok_per_server_cpu_s']:.1f}")
     lat = Table(title="latency (ms)")
     for col in ("", "mean", "median", "p90", "p99"):
         lat.add_column(col, justify="right")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -64,6 +64,8 @@ class ServerMetrics:
     def __init__(self, get_stats: Callable[[], EngineStats]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(get_stats))
+        # process_cpu_seconds_total etc.: on a shared machine, CPU time is the steadier yardstick
+        ProcessCollector(registry=self.registry)
         self.ttft = Histogram(
             "aiinfra_time_to_first_token_seconds",
             "Arrival of the HTTP request to its first generated token.",

@@ -23,7 +23,12 @@ from aiinfra.infer.engine import CompletionOutput, RequestOutput
 from aiinfra.infer.sampling_params import SamplingParams
 from aiinfra.models.tokenizer import DEFAULT_CHAT_TEMPLATE
 from aiinfra.serve import protocol
-from aiinfra.serve.async_engine import AsyncLLMEngine, EngineStepError, RequestStream
+from aiinfra.serve.async_engine import (
+    AsyncLLMEngine,
+    EngineStepError,
+    RequestAbortedError,
+    RequestStream,
+)
 from aiinfra.serve.metrics import ServerMetrics
 from aiinfra.serve.protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest
 
@@ -371,6 +376,8 @@ async def guard_stream(
     except EngineStepError as e:
         body = protocol.error_body(str(e), type="server_error", code="engine_error")
         yield _sse(body)
+    except RequestAbortedError:
+        return  # the client is gone: nothing to send, nothing to log
     finally:
         for s in streams:
             abort(s)  # a no-op for finished ones; frees the KV blocks of a disconnected client

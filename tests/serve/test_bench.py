@@ -56,6 +56,8 @@ def test_online_bench_against_the_server(server, tmp_path):
     assert r["output_tokens"] == sum(q["max_tokens"] for q in requests)  # ignore_eos honoured
     assert r["input_tokens"] == sum(len(q["prompt_token_ids"]) for q in requests)
     assert r["output_tok_per_s"] == pytest.approx(r["output_tokens"] / r["seconds"])
+    # the server is a thread of this process: its CPU time over the run is at most 2 cores' worth
+    assert 0 < r["server_cpu_seconds"] < 2 * r["seconds"] + 1
     per = r["requests"]
     assert r["ttft_ms"]["median"] == pytest.approx(1e3 * np.median([p["ttft_s"] for p in per]))
     for p in per:
