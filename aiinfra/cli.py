@@ -225,6 +225,7 @@ def bench_serve(
                 model=served_model_name,
                 api_key=api_key,
                 plot_path=plot,
+                seed=seed,  # the Poisson arrivals follow the workload's seed
             )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))

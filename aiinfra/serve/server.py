@@ -208,11 +208,27 @@ async def _start(serving: OpenAIServing, prompts: list[list[int]], params: Any) 
         raise APIError(503, str(e), type="server_error", code="engine_error") from None
 
 
+class _EngineStreamingResponse(StreamingResponse):
+    """Aborts its requests however the response ends, also when the client left before the body
+    generator ever started (then the generator's own `finally` never runs)."""
+
+    def __init__(self, body: AsyncIterator[str], streams: list, engine: AsyncLLMEngine) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self._streams, self._engine = streams, engine
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for s in self._streams:
+                self._engine.abort(s)  # a no-op for finished requests
+
+
 def _sse_response(
     request: Request, chunks: AsyncIterator[str], streams: list[RequestStream], engine: Any
 ) -> StreamingResponse:
     body = _watch_stream(request, guard_stream(chunks, streams, engine.abort), streams, engine)
-    return StreamingResponse(body, media_type="text/event-stream")
+    return _EngineStreamingResponse(body, streams, engine)
 
 
 async def _watch_stream(
