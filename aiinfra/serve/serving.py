@@ -4,6 +4,10 @@ Streaming sends one chunk per choice per step that produced tokens (even when th
 to no text, so a client can count tokens and time each one). Text is held back while it could still
 change: the last len(longest stop string) - 1 characters (a stop string may be completing, and the
 engine then cuts it off) and a trailing U+FFFD (an incomplete UTF-8 sequence of a byte tokenizer).
+
+Chat prompts are rendered (sandboxed jinja2, as HF) with the `chat_template` of the model folder's
+tokenizer_config.json, else the default `models.tokenizer.DEFAULT_CHAT_TEMPLATE`: each message as
+"<|role|>\ncontent\n", then "<|assistant|>\n" to prompt the reply.
 """
 
 from __future__ import annotations

@@ -3,8 +3,12 @@ is held back, and the concatenated deltas equal the final text."""
 
 from __future__ import annotations
 
+import pytest
+
 from aiinfra.infer import CompletionOutput
-from aiinfra.serve.serving import _Choice, _take_delta
+from aiinfra.models import ByteTokenizer
+from aiinfra.serve.protocol import APIError, ChatMessage
+from aiinfra.serve.serving import OpenAIServing, _Choice, _take_delta
 
 
 def out(text: str, ids: list[int], finish: str | None = None) -> CompletionOutput:
@@ -39,3 +43,28 @@ def test_no_chunk_without_progress():
     assert _take_delta(c, out("", []), 0) is None
     assert _take_delta(c, out("x", [5]), 0).text == "x"
     assert _take_delta(c, out("x", [5]), 0) is None
+
+
+def _serving(tokenizer) -> OpenAIServing:
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(engine=SimpleNamespace(tokenizer=tokenizer, max_model_len=64))
+    return OpenAIServing(engine, metrics=None, served_model_name="m")  # type: ignore[arg-type]
+
+
+def test_chat_template_default_and_from_the_tokenizer():
+    msgs = [ChatMessage(role="system", content="s"), ChatMessage(role="user", content="hi")]
+    # no chat_template on the tokenizer: the documented default (models.tokenizer)
+    assert _serving(ByteTokenizer()).render_chat(msgs, True) == (
+        "<|system|>\ns\n<|user|>\nhi\n<|assistant|>\n"
+    )
+    tok = ByteTokenizer()
+    tok.chat_template = (  # type: ignore[attr-defined]
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}"
+        "{% if add_generation_prompt %}>{% endif %}"
+    )
+    assert _serving(tok).render_chat(msgs, False) == "<|bos|>[system:s][user:hi]"
+    tok.chat_template = "{{ raise_exception('only user turns') }}"  # type: ignore[attr-defined]
+    with pytest.raises(APIError) as e:
+        _serving(tok).render_chat(msgs, True)
+    assert e.value.status == 400 and "only user turns" in e.value.message
