@@ -7,7 +7,7 @@ engine then cuts it off) and a trailing U+FFFD (an incomplete UTF-8 sequence of 
 
 Chat prompts are rendered (sandboxed jinja2, as HF) with the `chat_template` of the model folder's
 tokenizer_config.json, else the default `models.tokenizer.DEFAULT_CHAT_TEMPLATE`: each message as
-"<|role|>\ncontent\n", then "<|assistant|>\n" to prompt the reply.
+"<|role|>\\ncontent\\n", then "<|assistant|>\\n" to prompt the reply.
 """
 
 from __future__ import annotations
