@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -315,6 +317,50 @@ def _install_error_handlers(app: FastAPI) -> None:
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
         body = protocol.error_body(f"internal error: {type(e).__name__}", type="server_error")
         return JSONResponse(body, status_code=500)
+
+
+@dataclass
+class BackgroundServer:
+    """A uvicorn server on a daemon thread of this process (tests, `aiinfra demo`)."""
+
+    url: str
+    app: FastAPI
+    server: Any  # uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            raise TimeoutError(f"server at {self.url} did not stop within {timeout_s}s")
+
+
+def start_background_server(
+    engine: LLMEngine,
+    config: ServerConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout_s: float = 30.0,
+) -> BackgroundServer:
+    """Serve `engine` from a thread; port 0 takes a free port (bound here, so no race)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, port))
+    app = build_app(engine, config)
+    uv_config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uv_config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise TimeoutError(f"uvicorn did not start within {timeout_s}s")
+        time.sleep(0.02)
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    return BackgroundServer(url, app, server, thread)
 
 
 def run_server(

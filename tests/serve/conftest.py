@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from aiinfra.infer import EngineConfig, LLMEngine
 from aiinfra.infer.attention import cpu_extension
 from aiinfra.models import create_random_model_dir, get_preset, load_model
-from aiinfra.serve.server import ServerConfig, build_app
+from aiinfra.serve.server import BackgroundServer, ServerConfig, start_background_server
 
 MODEL_NAME = "tiny-test"
 API_KEY = "sk-test-key"
@@ -27,11 +22,12 @@ MAX_MODEL_LEN = 512
 
 @dataclass
 class RunningServer:
-    url: str
-    app: FastAPI
+    background: BackgroundServer
     engine: LLMEngine
-    server: uvicorn.Server
-    thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        return self.background.url
 
     def get(self, path: str, **kw) -> httpx.Response:
         return httpx.get(self.url + path, timeout=30, **kw)
@@ -47,9 +43,7 @@ class RunningServer:
         raise KeyError(name)
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "uvicorn did not stop within 30 s"
+        self.background.stop(timeout_s=30)
 
 
 class FaultyEngine(LLMEngine):
@@ -62,21 +56,7 @@ class FaultyEngine(LLMEngine):
 
 
 def start_server(engine: LLMEngine, config: ServerConfig) -> RunningServer:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # a free port chosen by the OS: never a hard-coded one
-    port = sock.getsockname()[1]
-    app = build_app(engine, config)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise TimeoutError("uvicorn did not start within 30 s")
-        time.sleep(0.02)
-    return RunningServer(f"http://127.0.0.1:{port}", app, engine, server, thread)
+    return RunningServer(start_background_server(engine, config), engine)
 
 
 @pytest.fixture(scope="session")
