@@ -30,38 +30,48 @@ def reference(tiny_dir):
     return model
 
 
-def _check_against_loop(llm: LLM, model, prompts, max_tokens: int) -> None:
+@pytest.fixture(scope="module")
+def hf_model(tiny_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def _hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
+    out = hf_model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def _check_against_references(llm: LLM, model, hf_model, prompts, max_tokens: int) -> None:
+    """Engine == the no-cache greedy loop == HF generate, token for token."""
     outs = llm.generate(prompts, _greedy(max_tokens), use_tqdm=False)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.finished and out.outputs[0].finish_reason == "length"
-        assert out.outputs[0].token_ids == generate_greedy(model, prompt, max_tokens)
+        ids = out.outputs[0].token_ids
+        assert ids == generate_greedy(model, prompt, max_tokens)
+        assert ids == _hf_greedy(hf_model, prompt, max_tokens)
 
 
-def test_mixed_lengths_match_greedy_loop_and_hf(tiny_dir, reference):
+def test_mixed_lengths_match_greedy_loop_and_hf(tiny_dir, reference, hf_model):
     prompts = _prompts(0, 6, 1, 70)
     llm = LLM(tiny_dir, block_size=4, kv_cache_memory="4MiB")
-    outs = llm.generate(prompts, _greedy(12), use_tqdm=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    for prompt, out in zip(prompts, outs, strict=True):
-        ids = out.outputs[0].token_ids
-        assert ids == generate_greedy(reference, prompt, 12)
-        hf_out = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False
-        )
-        assert ids == hf_out[0, len(prompt) :].tolist()
+    _check_against_references(llm, reference, hf_model, prompts, 12)
 
 
-def test_preemption_keeps_greedy_outputs(tiny_dir, reference):
+def test_preemption_keeps_greedy_outputs(tiny_dir, reference, hf_model):
     prompts = _prompts(1, 8, 20, 60)
     # 24 blocks = 96 token slots for 8 sequences of up to 80 tokens: most get preempted
     llm = LLM(tiny_dir, block_size=4, kv_cache_memory=24 * BLOCK_BYTES)
-    _check_against_loop(llm, reference, prompts, 20)
+    _check_against_references(llm, reference, hf_model, prompts, 20)
     stats = llm.engine.get_stats()
     assert stats.num_preemptions > 0
     assert stats.num_free_blocks == stats.num_blocks and stats.kv_cache_usage == 0.0
 
 
-def test_chunked_prefill_keeps_greedy_outputs(tiny_dir, reference, monkeypatch):
+def test_chunked_prefill_keeps_greedy_outputs(tiny_dir, reference, hf_model, monkeypatch):
     prompts = _prompts(2, 5, 30, 90)
     llm = LLM(tiny_dir, block_size=4, kv_cache_memory="4MiB", max_num_batched_tokens=7)
     chunks = []
@@ -73,18 +83,18 @@ def test_chunked_prefill_keeps_greedy_outputs(tiny_dir, reference, monkeypatch):
         return step()
 
     monkeypatch.setattr(llm.engine, "step", spy)
-    _check_against_loop(llm, reference, prompts, 10)
+    _check_against_references(llm, reference, hf_model, prompts, 10)
     # a prompt of 30+ tokens under a budget of 7 is computed in several steps
     assert any(n > 7 for sizes in chunks for n in sizes)
 
 
-def test_prefix_cache_hits_keep_greedy_outputs(tiny_dir, reference):
+def test_prefix_cache_hits_keep_greedy_outputs(tiny_dir, reference, hf_model):
     rng = random.Random(3)
     shared = [rng.randrange(256) for _ in range(37)]
     prompts = [shared + [rng.randrange(256) for _ in range(rng.randint(1, 20))] for _ in range(6)]
     prompts.append(shared[:21])  # a prefix of the shared part
     llm = LLM(tiny_dir, block_size=4, kv_cache_memory="4MiB", max_num_seqs=2)
-    _check_against_loop(llm, reference, prompts, 8)
+    _check_against_references(llm, reference, hf_model, prompts, 8)
     stats = llm.engine.get_stats()
     assert stats.prefix_cache_hit_rate > 0
     # a second round of the same prompts is served mostly from the cache
@@ -92,12 +102,12 @@ def test_prefix_cache_hits_keep_greedy_outputs(tiny_dir, reference):
     assert all(o.num_cached_tokens >= 20 for o in outs)
 
 
-def test_everything_at_once(tiny_dir, reference):
+def test_everything_at_once(tiny_dir, reference, hf_model):
     """Preemption, chunking and prefix hits in one run, with prompts of every length."""
     prompts = _prompts(4, 10, 1, 50)
     prompts += [prompts[0] + prompts[1], prompts[2][:9]]
     llm = LLM(tiny_dir, block_size=4, kv_cache_memory=30 * BLOCK_BYTES, max_num_batched_tokens=16)
-    _check_against_loop(llm, reference, prompts, 16)
+    _check_against_references(llm, reference, hf_model, prompts, 16)
     stats = llm.engine.get_stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hit_rate > 0
     assert stats.num_free_blocks == stats.num_blocks
