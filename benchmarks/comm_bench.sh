@@ -6,7 +6,7 @@ out=${1:-benchmarks}
 uptime
 for w in 2 4; do
   aiinfra bench comm --op all_reduce --world-size "$w" --sizes 8,4K,1M,16M,64M \
-    --impl torch,auto,one_shot,two_shot,ring@torch \
+    --impl torch,auto,one_shot,two_shot,cma_two_shot,ring@torch \
     --json "$out/comm_all_reduce_w$w.json" --plot "$out/comm_all_reduce_w$w.png"
   aiinfra bench comm --op all_reduce --world-size "$w" --sizes 1M,16M,64M --impl torch,auto \
     --registered --json "$out/comm_all_reduce_registered_w$w.json"

@@ -286,6 +286,10 @@ def traffic_bytes(op: str, algorithm: str, nbytes: int, p: int, registered: bool
         if registered:
             return n + n / p + gather  # reduce: read p slices of n/p, write one
         return 2 * (p - 1) / p * n + n + n / p + gather + 2 * n / p  # + copy in, + own slice out
+    if algorithm == "cma_two_shot@shm" and not registered:
+        # per peer: its slice into scratch (read + write n/p), reduce (read 2, write 1 slice); then
+        # every peer's reduced slice straight into out (read + write n/p)
+        return (p - 1) * (2 + 3 + 2) * n / p
     if algorithm == "one_shot@shm":
         return 2 * n + p * n + n  # copy in; read p buffers, write the result
     return None
@@ -340,6 +344,7 @@ _CALIBRATION: dict[str, list[tuple[str, str, str]]] = {  # cost key -> (op, algo
     "shm": [
         ("all_reduce", "one_shot", "one_shot@shm"),
         ("all_reduce", "two_shot", "two_shot@shm"),
+        ("all_reduce", "cma_two_shot", "cma_two_shot@shm"),
         ("all_gather", "direct", "direct@shm"),
     ],
     "shm_p2p": [

@@ -104,6 +104,8 @@ class CommGroup:
                 cands += [(a, "torch") for a in ALGORITHMS[op]]
                 if self.shm is not None:
                     cands += [(a, "shm") for a in SHM_ALGORITHMS[op] + ALGORITHMS[op]]
+                    if not self.shm.cma:  # it would run as staging two_shot
+                        cands.remove(("cma_two_shot", "shm"))
             self._choices[key] = min(cands, key=lambda c: self.cost(op, c[0], c[1], nbytes))
         return self._choices[key]
 
@@ -203,10 +205,9 @@ def all_reduce(
             dist.all_reduce(y, op=_native_op(op, y.dtype), group=group.pg)
             if op == "avg" and not y.dtype.is_floating_point:
                 alg.finish_avg(y, group.world_size, op)
-        elif name in ("one_shot", "two_shot"):
+        elif name in _DIRECT_ALL_REDUCE:
             assert group.shm is not None
-            fn = direct.one_shot_all_reduce if name == "one_shot" else direct.two_shot_all_reduce
-            fn(group.shm, x, y, op)
+            _DIRECT_ALL_REDUCE[name](group.shm, x, y, op)
         else:
             tr = group.transport(transport)
             if group.config.check_args:
@@ -229,6 +230,11 @@ def _is_registered(group: CommGroup, tensor: torch.Tensor, out: torch.Tensor) ->
     )
 
 
+_DIRECT_ALL_REDUCE = {
+    "one_shot": direct.one_shot_all_reduce,
+    "two_shot": direct.two_shot_all_reduce,
+    "cma_two_shot": direct.cma_two_shot_all_reduce,
+}
 _P2P_ALL_REDUCE = {
     "ring": alg.ring_all_reduce,
     "rabenseifner": alg.rabenseifner_all_reduce,

@@ -65,7 +65,20 @@ def one_shot_all_reduce(
     """Every rank reads all p buffers and reduces the whole chunk: one barrier (small sizes)."""
     p, r = sm.world_size, sm.rank
     desc = describe("all_reduce", x, op)
-    for i, a, b in _chunks(sm, x.numel(), x.element_size()):
+    numel = x.numel()
+    if numel * x.element_size() <= sm.config.chunk_bytes:
+        # one chunk (every latency-bound call): no slicing, generator or context manager, whose
+        # few microseconds each are a visible share of an 8-byte call
+        h = sm.next_half()
+        sm.acquire_half(h)
+        stage = sm.staging_views(h, numel, x.dtype)
+        stage[r].copy_(x)
+        sm.barrier(desc, "all_reduce")  # the argument check travels in the same barrier
+        _reduce_all(out, stage, op)
+        sm.release_half(h)
+        finish_avg(out, p, op)
+        return
+    for i, a, b in _chunks(sm, numel, x.element_size()):
         with _Halves(sm) as h:
             stage = _stage(sm, h, b - a, x.dtype)
             stage[r].copy_(x[a:b])
@@ -111,6 +124,43 @@ def two_shot_all_reduce(
             _reduce_all(mine, srcs, op)
             finish_avg(mine, p, op)
         pending = current
+
+
+def cma_two_shot_all_reduce(
+    sm: SharedMemoryTransport, x: torch.Tensor, out: torch.Tensor, op: str
+) -> None:
+    """Two-shot on private tensors via Cross Memory Attach, without staging: rank r pulls slice r
+    of every peer's `x` (process_vm_readv) and reduces it with its own into `out`; after a barrier
+    it pulls every peer's reduced slice straight into `out`. Three barriers, about 3.5n bytes of
+    memory traffic per rank at world 2 against 4.5n through staging. Falls back to staging
+    two-shot where the kernel refuses CMA (decided once per group, the same on every rank)."""
+    if not sm.cma:
+        two_shot_all_reduce(sm, x, out, op)
+        return
+    p, r, es = sm.world_size, sm.rank, x.element_size()
+    sb = chunk_bounds(x.numel(), p)
+    lo, hi = sb[r], sb[r + 1]
+    # the addresses travel with the argument check, in the same descriptor slot
+    addrs = sm.barrier(describe("all_reduce", x, op), "all_reduce", (x.data_ptr(), out.data_ptr()))
+    assert addrs is not None
+    mine = out[lo:hi]
+    step = max(1, sm.config.cma_chunk_bytes // es)
+    for a in range(lo, hi, step):
+        b = min(a + step, hi)
+        scratch = sm.scratch((b - a) * es).view(x.dtype)
+        dst = mine[a - lo : b - lo]
+        first = True
+        for q in range(p):
+            if q != r:  # one rank reduces each slice: every rank gets the same bits anyway
+                sm.peer_read(scratch, q, addrs[q][0] + a * es)
+                _reduce_all(dst, [x[a:b] if first else dst, scratch], op)
+                first = False
+    finish_avg(mine, p, op)
+    sm.barrier()  # every slice reduced; no rank reads x any more (in place, out may now change)
+    for q in range(p):
+        if q != r:
+            sm.peer_read(out[sb[q] : sb[q + 1]], q, addrs[q][1] + sb[q] * es)
+    sm.barrier()  # peers are done reading our slice of out: the caller may write it again
 
 
 def _gather_slices(

@@ -33,16 +33,19 @@ from aiinfra.comm.transport import (
     raise_on_mismatch,
     spin_seconds,
 )
-from aiinfra.comm.tuner import SHM_CHUNK_BYTES
+from aiinfra.comm.tuner import CMA_CHUNK_BYTES, SHM_CHUNK_BYTES
 
 SHM_DIR = "/dev/shm"
 PREFIX = "aiinfra-comm-"
 _ALIGN = 4096
 
 # Control words (int64) at the start of every segment.
-# a sleeping waiter publishes 1 + the rank it sleeps on and the tick it needs: signals wake only it
-_PID, _TICK, _WAIT_RANK, _WAIT_TICK = 0, 1, 2, 3
+# a sleeping waiter publishes 1 + the rank it sleeps on and the tick it needs: signals wake only it;
+# _BASE is the segment's address in its owner's address space (the cross-memory-attach probe reads
+# the owner's _PID word through it)
+_PID, _TICK, _WAIT_RANK, _WAIT_TICK, _BASE = 0, 1, 2, 3, 4
 _DESC = 8  # two descriptor slots of 8 words, used alternately by consecutive collectives
+_DESC_LEN = 5  # describe()'s integers; the slot's last 3 words carry addresses, not compared
 # _SEND + q: messages this rank has put in its slot for q; _ACK + q: taken from q; _LEN + q: size
 _SEND = 32
 
@@ -71,13 +74,51 @@ def _futex_wake(addr: int) -> None:
         _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(addr), 1, 0x7FFFFFFF, None, None, 0)
 
 
+# Cross Memory Attach (process_vm_readv(2)): copy straight out of a peer's private memory, given its
+# pid and an address there, in one kernel copy. Needs ptrace access to the peer (same uid and no
+# Yama restriction, or CAP_SYS_PTRACE); probed once per group, which falls back to staging if not.
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_process_vm_readv = getattr(_libc, "process_vm_readv", None)
+if _process_vm_readv is not None:
+    _process_vm_readv.argtypes = [
+        ctypes.c_int,
+        ctypes.POINTER(_Iovec),
+        ctypes.c_ulong,
+        ctypes.POINTER(_Iovec),
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+    ]
+    _process_vm_readv.restype = ctypes.c_ssize_t
+
+
+def cma_read(pid: int, local_addr: int, remote_addr: int, nbytes: int) -> None:
+    """Copy `nbytes` from `remote_addr` in process `pid` to `local_addr` here; OSError on failure
+    (EPERM: no ptrace access, ESRCH: the process is gone, ENOSYS: not in this kernel)."""
+    if _process_vm_readv is None:
+        raise OSError(38, "process_vm_readv is not in this C library")
+    done = 0
+    while done < nbytes:  # the kernel may copy less than asked (it stops at a fault)
+        local = _Iovec(local_addr + done, nbytes - done)
+        remote = _Iovec(remote_addr + done, nbytes - done)
+        got = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got <= 0:
+            err = ctypes.get_errno() if got < 0 else 14  # 0 bytes: EFAULT
+            raise OSError(err, f"process_vm_readv from pid {pid}: {os.strerror(err)}")
+        done += got
+
+
 @dataclass(frozen=True, kw_only=True)
 class ShmConfig:
     chunk_bytes: int = SHM_CHUNK_BYTES  # direct collectives stream through two halves of this size
     slot_bytes: int = 1 << 20  # point-to-point mailbox per (sender, receiver) pair
+    cma: bool = True  # read peers' private tensors with process_vm_readv where the kernel allows
+    cma_chunk_bytes: int = CMA_CHUNK_BYTES  # largest piece read per process_vm_readv call
 
     def __post_init__(self) -> None:
-        for field in ("chunk_bytes", "slot_bytes"):
+        for field in ("chunk_bytes", "slot_bytes", "cma_chunk_bytes"):
             value = getattr(self, field)
             if value < 4096 or value % 64:
                 raise ValueError(f"{field} ({value}) must be >= 4096 and a multiple of 64")
@@ -150,6 +191,7 @@ def map_group_segments(pg: dist.ProcessGroup, nbytes: int) -> list[_Segment]:
     _own_paths.add(path)
     own = _Segment(path, nbytes, create=True)
     own.ctrl[_PID] = os.getpid()
+    own.ctrl[_BASE] = own.data.data_ptr()
     paths: list[str | None] = [None] * dist.get_world_size(pg)
     dist.all_gather_object(paths, path, group=pg)
     me = dist.get_rank(pg)
@@ -195,6 +237,42 @@ class SharedMemoryTransport(Transport):
         self._sends: list[deque[_ShmWork]] = [deque() for _ in range(p)]
         self._recvs: list[deque[_ShmWork]] = [deque() for _ in range(p)]
         self._registered: list[tuple[int, int, list[_Segment]]] = []
+        self.cma = config.cma and self._probe_cma()
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    def _probe_cma(self) -> bool:
+        """Collective: True if every rank can process_vm_readv every peer (all agree, or none)."""
+        ok = True
+        word = np.zeros(1, dtype=np.int64)
+        for q in range(self.world_size):
+            if q == self.rank:
+                continue
+            try:
+                cma_read(self.pids[q], word.ctypes.data, int(self.ctrls[q][_BASE]) + 8 * _PID, 8)
+                ok = ok and int(word[0]) == self.pids[q]
+            except OSError:
+                ok = False
+        oks: list[bool | None] = [None] * self.world_size
+        dist.all_gather_object(oks, ok, group=self.pg)
+        return all(oks)
+
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        """A private uint8 buffer of at least `nbytes`, kept for the next call."""
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        return self._scratch[:nbytes]
+
+    def peer_read(self, dst: torch.Tensor, rank: int, remote_addr: int) -> None:
+        """Fill contiguous `dst` from address `remote_addr` in rank `rank`'s process (CMA)."""
+        nbytes = dst.numel() * dst.element_size()
+        if nbytes:
+            try:
+                cma_read(self.pids[rank], dst.data_ptr(), remote_addr, nbytes)
+            except OSError as e:
+                self._check_alive([rank])
+                raise RuntimeError(
+                    f"group {self.name}: rank {self.rank} could not read rank {rank}'s memory: {e}"
+                ) from e
 
     # --- ticks: signal = store own counter, wait = every peer's counter reached the value ---------
 
@@ -238,20 +316,28 @@ class SharedMemoryTransport(Transport):
                 if now - start > self.timeout_s:
                     raise self._timeout(tick)
 
-    def barrier(self, desc: Sequence[int] | None = None, op: str = "barrier") -> None:
+    def barrier(
+        self, desc: Sequence[int] | None = None, op: str = "barrier", publish: Sequence[int] = ()
+    ) -> list[list[int]] | None:
         """All ranks arrive; with `desc`, also check that all ranks called `op` with the same
-        arguments."""
+        arguments, and return every rank's `publish` words (up to 3, e.g. addresses)."""
         slot = _DESC + 8 * (self._calls & 1)
         if desc is not None:
             self._calls += 1
-            self.ctrls[self.rank][slot : slot + len(desc)] = desc
+            own = self.ctrls[self.rank]
+            own[slot : slot + _DESC_LEN] = desc
+            if publish:
+                own[slot + _DESC_LEN : slot + _DESC_LEN + len(publish)] = publish
         tick = self.next_tick()
         self.signal(tick)
         self.wait_tick(tick)
-        if desc is not None:
-            descs = [c[slot : slot + len(desc)].tolist() for c in self.ctrls]
-            if any(d != descs[0] for d in descs):
-                raise_on_mismatch(op, self.name, descs)
+        if desc is None:
+            return None
+        words = [c[slot : slot + _DESC_LEN + len(publish)].tolist() for c in self.ctrls]
+        first = words[0][:_DESC_LEN]
+        if any(w[:_DESC_LEN] != first for w in words):
+            raise_on_mismatch(op, self.name, [w[:_DESC_LEN] for w in words])
+        return [w[_DESC_LEN:] for w in words]
 
     def check_args(self, op: str, desc: Sequence[int]) -> None:
         self.barrier(desc, op)

@@ -29,7 +29,7 @@ ALGORITHMS: dict[str, tuple[str, ...]] = {
 }
 # direct algorithms: read peers' buffers in place, shared-memory transport only
 SHM_ALGORITHMS: dict[str, tuple[str, ...]] = {
-    "all_reduce": ("one_shot", "two_shot"),
+    "all_reduce": ("one_shot", "two_shot", "cma_two_shot"),
     "all_gather": ("direct",),
     "reduce_scatter": ("direct",),
     "broadcast": ("direct",),
@@ -43,6 +43,18 @@ TRANSPORTS = ("shm", "shm_p2p", "torch", NATIVE)
 # other jobs each barrier can cost a scheduling delay (measured there: 16 MiB chunks ran a 64 MiB
 # all_reduce about twice as fast as 1 MiB chunks); staging costs 2 chunks of memory per rank
 SHM_CHUNK_BYTES = 8 << 20
+# cma_two_shot reads peers' slices into a private scratch buffer at most this large per
+# process_vm_readv call (measured at 64 MiB, world 2: whole slices and 16 MiB pieces ran the same,
+# 1 MiB pieces ~20% slower)
+CMA_CHUNK_BYTES = 16 << 20
+# a call's kernel set-up as the bytes a copy moves meanwhile (a beta term, so the model needs no
+# fourth parameter, and not an alpha one: alpha also prices scheduling delays at barriers): 1 MiB
+# pieces added ~3.5 ms over 63 more calls, ~55 us a call, ~0.5 MB at the default shm beta
+CMA_CALL_BYTES = 512 << 10
+# a process_vm_readv byte costs more CPU than a memcpy byte (the kernel pins each 4 KiB page of the
+# peer before copying it). CPU per rank at 64 MiB measured 0.89x two_shot's at world 2 and 0.94x at
+# world 4; with the default gamma/beta that is a factor 1.25 and 1.05 on the copied bytes
+CMA_BETA_FACTOR = 1.15
 # 8 B .. 32 MiB every factor of 4, and 64 MiB (the size DP buckets and the benchmark use)
 CALIBRATION_SIZES = (*(8 << (2 * k) for k in range(12)), 64 << 20)
 DEFAULT_TUNING_PATH = Path.home() / ".cache" / "aiinfra" / "comm_tuning.json"
@@ -104,6 +116,14 @@ def cost_terms(
         ("all_reduce", "one_shot"): (c, n, (p - 1) * n),
         # two-shot is software-pipelined: one barrier per chunk plus one to drain
         ("all_reduce", "two_shot"): (c + 1, 2 * f * n + n / p, f * n),
+        # three barriers, (p-1) reads of peers' x slices per piece and (p-1) of reduced slices; no
+        # staging copy: each byte of a peer slice is copied once (into scratch or into out)
+        ("all_reduce", "cma_two_shot"): (
+            3,
+            (2 * f * n + CMA_CALL_BYTES * (p - 1) * (math.ceil(n / p / CMA_CHUNK_BYTES) + 1))
+            * CMA_BETA_FACTOR,
+            f * n,
+        ),
         ("all_gather", "ring"): (p - 1, f * n, 0.0),
         ("all_gather", "recursive_doubling"): (
             L2 + 2 * fold,

@@ -27,6 +27,14 @@ def test_traffic_of_registered_two_shot_is_read_n_and_write_the_slices() -> None
     assert traffic_bytes("all_reduce", "ring@torch", n, 2, registered=False) is None
 
 
+def test_traffic_of_cma_two_shot_is_three_and_a_half_n_at_world_2() -> None:
+    n = 1 << 20
+    # peer slice into scratch (n/2 read + n/2 written), reduce (n read, n/2 written), peer's
+    # reduced slice into out (n/2 + n/2): no copy in, against 4.5 n through staging
+    assert traffic_bytes("all_reduce", "cma_two_shot@shm", n, 2, registered=False) == 3.5 * n
+    assert traffic_bytes("all_reduce", "two_shot@shm", n, 2, registered=False) == 4.5 * n
+
+
 def test_sizes_parse_as_lists_and_power_of_two_ranges() -> None:
     assert _parse_sizes("8,1K,64M") == (8, 1024, 64 << 20)
     assert _parse_sizes("8:64") == (8, 16, 32, 64)

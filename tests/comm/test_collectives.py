@@ -30,7 +30,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64
 # chunks
 # and three mailbox slots, so chunking and slot reuse run too)
 COUNTS = (1, 5, 3001)
-SMALL = ShmConfig(chunk_bytes=4096, slot_bytes=4096)
+# cma_chunk_bytes 4096: cma_two_shot reads 3001 fp32 elements' slices in several pieces
+SMALL = ShmConfig(chunk_bytes=4096, slot_bytes=4096, cma_chunk_bytes=4096)
 
 
 def make_group(timeout_s: float = 30.0, **kw: object) -> CommGroup:
@@ -104,6 +105,26 @@ def check_all_reduce(rank: int, p: int, group: CommGroup) -> None:
         torch.testing.assert_close(grid, grid_ref, **tolerance(torch.float32))
 
 
+def check_cma(rank: int, p: int, group: CommGroup) -> None:
+    """Cross Memory Attach is allowed here (root, no Yama): the probe must find it, and without it
+    cma_two_shot falls back to staging and auto stops choosing it."""
+    assert group.shm is not None and group.shm.cma, "process_vm_readv probe failed on this host"
+    no_cma = ShmConfig(chunk_bytes=4096, slot_bytes=4096, cma=False)
+    plain = CommGroup(dist.group.WORLD, CommConfig(shm=no_cma, tuning_path=None), name="no_cma")
+    assert plain.shm is not None and not plain.shm.cma
+    for n in (5, 3001):
+        x = make_input(rank, n, torch.float32, 11)
+        ref = reference_all_reduce(x, "sum", p)
+        for g in (group, plain):
+            got = all_reduce(x.clone(), g, impl="cma_two_shot@shm")
+            torch.testing.assert_close(got, ref, **tolerance(torch.float32))
+    big = 64 << 20
+    if p == 2:  # at 3-4 ranks the default model rates it a near tie with staging two-shot
+        assert group.choose("all_reduce", big, torch.device("cpu")) == ("cma_two_shot", "shm")
+    assert plain.choose("all_reduce", big, torch.device("cpu"))[0] != "cma_two_shot"
+    plain.destroy()
+
+
 def check_registered(rank: int, p: int, group: CommGroup) -> None:
     for n in (3001, REGISTERED_MIN_BYTES // 4 + 3):  # large enough for auto's in-place path
         buf = group.alloc(n, torch.float32)
@@ -172,6 +193,7 @@ def check_everything(rank: int, p: int) -> None:
     own = [e for e in os.listdir(SHM_DIR) if e.startswith(f"{PREFIX}{os.getpid()}-")]
     assert not own, f"segments still named in {SHM_DIR} after construction: {own}"
     check_all_reduce(rank, p, group)
+    check_cma(rank, p, group)
     check_registered(rank, p, group)
     check_data_movement(rank, p, group)
     check_reduce_scatter(rank, p, group)

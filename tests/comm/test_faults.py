@@ -26,7 +26,8 @@ def _group(timeout_s: float, use_shm: bool = True) -> CommGroup:
 
 def check_mismatch(rank: int, world_size: int) -> None:
     group = _group(30.0)
-    for impl in ("one_shot@shm", "two_shot@shm", "ring@shm", "ring@torch", "rabenseifner@torch"):
+    impls = ("one_shot@shm", "two_shot@shm", "cma_two_shot@shm", "ring@shm", "ring@torch")
+    for impl in (*impls, "rabenseifner@torch"):
         x = torch.ones(5 + rank)  # rank 1 has one element more
         with pytest.raises(ValueError, match=r"all_reduce on group faulty: .*numel.*rank 1: 6"):
             all_reduce(x, group, impl=impl)

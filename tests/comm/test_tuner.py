@@ -11,9 +11,14 @@ import torch.distributed as dist
 from aiinfra.comm import CommConfig, CommGroup, LinkParams, algorithm_cost, choose_algorithm
 from aiinfra.comm.tuner import (
     ALGORITHMS,
+    CMA_BETA_FACTOR,
+    CMA_CALL_BYTES,
+    CMA_CHUNK_BYTES,
+    DEFAULT_PARAMS,
     SHM_ALGORITHMS,
     Sample,
     calibrate,
+    cost_terms,
     fit_link_params,
     load_params,
     save_params,
@@ -64,6 +69,30 @@ def test_small_messages_pick_latency_bound_large_pick_bandwidth_bound(p: int) ->
     if p > 2:
         assert choose_algorithm("broadcast", 256 << 20, p, GLOO) == "scatter_allgather"
     assert choose_algorithm("all_reduce", 8, p, GLOO, ["ring"]) == "ring"
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_shm_all_reduce_choice_follows_size(p: int) -> None:
+    """One barrier for small messages; cma_two_shot (no staging copy, three barriers, but each
+    process_vm_readv call costs as much as copying CMA_CALL_BYTES) only once the bytes dominate."""
+    shm = DEFAULT_PARAMS["shm"]
+    direct = list(SHM_ALGORITHMS["all_reduce"])
+    assert choose_algorithm("all_reduce", 8, p, shm, direct) == "one_shot"
+    assert choose_algorithm("all_reduce", 64 << 10, p, shm, direct) != "cma_two_shot"
+    if p == 2:  # 1n of CMA copies against two_shot's 1.5n of memcpy
+        assert choose_algorithm("all_reduce", 64 << 20, p, shm, direct) == "cma_two_shot"
+    # where barriers are expensive (a loaded machine; calibrate() fits alpha), three barriers
+    # beat the nine of staging two-shot's pipeline at 64 MiB
+    slow_barriers = LinkParams(
+        alpha_s=200e-6, beta_s_per_byte=shm.beta_s_per_byte, gamma_s_per_byte=shm.gamma_s_per_byte
+    )
+    assert choose_algorithm("all_reduce", 64 << 20, p, slow_barriers, direct) == "cma_two_shot"
+    a, b, g = cost_terms("all_reduce", "cma_two_shot", 64 << 20, p)
+    n, f = float(64 << 20), (p - 1) / p
+    # (p-1) peers x (pieces of at most 16 MiB: 2 at p=2, 1 at p=4; + 1 read of the reduced slice)
+    calls = (p - 1) * (math.ceil(n / p / CMA_CHUNK_BYTES) + 1)
+    assert a == 3
+    assert (b, g) == pytest.approx(((2 * f * n + calls * CMA_CALL_BYTES) * CMA_BETA_FACTOR, f * n))
 
 
 def test_link_params_validation_names_field() -> None:
