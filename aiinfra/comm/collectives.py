@@ -158,6 +158,8 @@ def _run(group: CommGroup, name: str, fn: Callable[[], None]) -> None:
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 1 and t.is_contiguous():
+        return t  # a view costs ~1.5 us, a visible share of an 8-byte call
     return t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
 
 

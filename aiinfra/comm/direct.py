@@ -75,7 +75,8 @@ def one_shot_all_reduce(
         stage[r].copy_(x)
         sm.barrier(desc, "all_reduce")  # the argument check travels in the same barrier
         _reduce_all(out, stage, op)
-        sm.release_half(h)
+        # no release signal: a peer's next tick (of whatever comes next) follows its reads
+        sm.free_half_at_next_tick(h)
         finish_avg(out, p, op)
         return
     for i, a, b in _chunks(sm, numel, x.element_size()):
