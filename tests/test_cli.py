@@ -11,8 +11,9 @@ import transformers
 
 
 def _aiinfra(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aiinfra.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "aiinfra.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def _field(stdout: str, name: str) -> str:

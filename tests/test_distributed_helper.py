@@ -1,4 +1,4 @@
-"""run_distributed itself: a rank's exception reaches the test, and a hang fails instead of stalling."""
+"""run_distributed itself: a rank's exception reaches the test; a hang fails, never stalls."""
 
 from __future__ import annotations
 

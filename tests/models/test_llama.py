@@ -142,6 +142,11 @@ def test_greedy_loop_matches_hf_generate(tmp_path):
     model, config = load_model(tmp_path)
     hf = _hf_model(tmp_path)
     prompt = [5, 17, 300, 2, 99]
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-    assert generate_greedy(model, prompt, 10) == out[0, len(prompt):].tolist()
+    out = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    assert generate_greedy(model, prompt, 10) == out[0, len(prompt) :].tolist()
