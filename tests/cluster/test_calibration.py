@@ -11,8 +11,8 @@ SIZES = (1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 26)  # 1 KiB .. 64 MiB
 IMPLS = ("one_shot@shm", "two_shot@shm")  # the direct algorithms of the shm transport
 
 
-# TODO(issue 6): one (alpha, beta, gamma) per transport misses the band where the per-byte cost moves
-# between cache and memory (on a quiet run: one_shot 1.83x at 256 KiB, two_shot 0.63x at 64 MiB);
+# TODO(issue 6): one (alpha, beta, gamma) per transport misses the band where the per-byte cost
+# moves between cache and memory (quiet run: one_shot 1.83x at 256 KiB, two_shot 0.63x at 64 MiB);
 # it needs the size-dependent efficiency term. Kept running so a model that holds shows as XPASS.
 @pytest.mark.xfail(reason="alpha-beta-gamma fit misses +-25% at cache/memory sizes", strict=False)
 @pytest.mark.distributed
