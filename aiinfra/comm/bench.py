@@ -9,11 +9,9 @@ bandwidth."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -22,8 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from aiinfra.comm.spawn import spawn_local
 from aiinfra.comm.tuner import ALGORITHMS, DEFAULT_TUNING_PATH, SHM_CHUNK_BYTES, Sample
 
 BENCH_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
@@ -97,7 +95,13 @@ def run_bench(config: BenchConfig) -> BenchResult:
     copy_gbps = memcpy_bandwidth()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        _spawn(_worker, config.world_size, (config, str(out)), config.timeout_s)
+        spawn_local(
+            _worker,
+            config.world_size,
+            (config, str(out)),
+            timeout_s=config.timeout_s,
+            pg_timeout_s=600.0,
+        )
         rows = [BenchRow(**r) for r in json.loads(out.read_text())]
     cores = os.cpu_count() or 1
     for row in rows:
@@ -108,47 +112,6 @@ def run_bench(config: BenchConfig) -> BenchResult:
             row.limit_fraction = limit_s / (row.time_us * 1e-6)
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     return BenchResult(rows=rows, copy_gbps=copy_gbps, num_cores=cores, config=cfg)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn: Callable[..., None], world_size: int, args: tuple, timeout_s: float) -> None:
-    port = _free_port()
-    ctx = mp.start_processes(
-        _entry,
-        args=(fn, world_size, port, args),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"bench ranks (world_size={world_size}) ran over {timeout_s}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-
-
-def _entry(rank: int, fn: Callable[..., None], world_size: int, port: int, args: tuple) -> None:
-    torch.set_num_threads(1)  # one core per rank at most: ranks must not fight over the 2 cores
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=600),
-    )
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
 
 
 def _worker(rank: int, world_size: int, config: BenchConfig, out_path: str) -> None:
