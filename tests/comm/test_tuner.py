@@ -122,6 +122,27 @@ def test_fit_recovers_the_parameters_that_generated_the_times(tmp_path: Path) ->
     assert load_params(tmp_path / "missing.json", 2) is None
 
 
+def test_fit_recovers_the_size_dependent_efficiency() -> None:
+    # slope 0.08 is on the fit's grid (steps of 0.005), so the recovery is exact up to lstsq
+    truth = LinkParams(alpha_s=20e-6, beta_s_per_byte=1 / 6e9, gamma_s_per_byte=1 / 4e9,
+                       size_slope=0.08)  # fmt: skip
+    samples = [
+        Sample("all_reduce", algo, n, 2, algorithm_cost("all_reduce", algo, n, 2, truth))
+        for algo in ("one_shot", "two_shot")
+        for n in (1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 26)
+    ]
+    fit = fit_link_params(samples, fit_size_slope=True)
+    assert fit.size_slope == pytest.approx(truth.size_slope)
+    assert fit.alpha_s == pytest.approx(truth.alpha_s, rel=1e-6)
+    assert fit.beta_s_per_byte == pytest.approx(truth.beta_s_per_byte, rel=1e-6)
+    assert fit.gamma_s_per_byte == pytest.approx(truth.gamma_s_per_byte, rel=1e-6)
+    assert truth.byte_factor(64 << 20) == 1.0 and truth.byte_factor(1 << 18) == pytest.approx(0.36)
+    flat = fit_link_params(samples)  # without the term the fit cannot follow the small sizes
+    worst = max(abs(algorithm_cost(s.op, s.algorithm, s.nbytes, 2, flat) / s.seconds - 1)
+                for s in samples)  # fmt: skip
+    assert worst > 0.25
+
+
 def check_calibration_predicts(rank: int, world_size: int, path: str) -> None:
     import torch
 
