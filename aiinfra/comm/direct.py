@@ -215,10 +215,7 @@ def direct_reduce_scatter(
     for i, a, b in _chunks(sm, m, inp.element_size() * p):
         k = b - a
         with _Halves(sm) as h:
-            stage = _stage(sm, h, p * k, inp.dtype)
-            for q in range(p):
-                if q != r:
-                    stage[r][q * k : (q + 1) * k].copy_(inp[q * m + a : q * m + b])
+            stage = _stage_pieces(sm, h, inp, m, a, b)
             sm.barrier(desc if i == 0 else None, "reduce_scatter")
             srcs = [
                 inp[r * m + a : r * m + b] if q == r else stage[q][r * k : (r + 1) * k]
@@ -226,6 +223,19 @@ def direct_reduce_scatter(
             ]
             _reduce_all(out[a:b], srcs, op)
         finish_avg(out[a:b], p, op)
+
+
+def _stage_pieces(
+    sm: SharedMemoryTransport, h: int, inp: torch.Tensor, m: int, a: int, b: int
+) -> list[torch.Tensor]:
+    """Copy elements [a, b) of each destination's piece q (inp[q*m : (q+1)*m]) into this rank's
+    staging slot, piece after piece; the own piece stays in inp. Returns every rank's slot."""
+    p, r, k = sm.world_size, sm.rank, b - a
+    stage = _stage(sm, h, p * k, inp.dtype)
+    for q in range(p):
+        if q != r:
+            stage[r][q * k : (q + 1) * k].copy_(inp[q * m + a : q * m + b])
+    return stage
 
 
 def direct_broadcast(sm: SharedMemoryTransport, x: torch.Tensor, root: int) -> None:
@@ -247,10 +257,7 @@ def direct_all_to_all(sm: SharedMemoryTransport, out: torch.Tensor, inp: torch.T
     for i, a, b in _chunks(sm, m, inp.element_size() * p):
         k = b - a
         with _Halves(sm) as h:
-            stage = _stage(sm, h, p * k, inp.dtype)
-            for q in range(p):
-                if q != r:
-                    stage[r][q * k : (q + 1) * k].copy_(inp[q * m + a : q * m + b])
+            stage = _stage_pieces(sm, h, inp, m, a, b)
             sm.barrier(desc if i == 0 else None, "all_to_all")
             for q in range(p):
                 src = inp[r * m + a : r * m + b] if q == r else stage[q][r * k : (r + 1) * k]
