@@ -116,8 +116,12 @@ def serve(
     kv_cache_memory: Annotated[str, typer.Option(help="KV cache budget, e.g. 2GiB.")] = "2GiB",
     max_num_seqs: Annotated[int, typer.Option(help="Most sequences in one batch.")] = 256,
     tp: Annotated[int, typer.Option(help="Tensor-parallel degree.")] = 1,
+    engine_process: Annotated[
+        bool, typer.Option(help="Step the engine in its own process (else a thread).")
+    ] = True,
 ) -> None:
     """Serve a model with an OpenAI-compatible HTTP API."""
+    from aiinfra.serve.engine_core import EngineStartupError
     from aiinfra.serve.server import run_server
 
     try:
@@ -131,8 +135,9 @@ def serve(
             kv_cache_memory=kv_cache_memory,
             max_num_seqs=max_num_seqs,
             tp=tp,
+            engine_process=engine_process,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, EngineStartupError) as e:
         _fail(str(e))
 
 

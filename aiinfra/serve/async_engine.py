@@ -1,16 +1,16 @@
-"""AsyncLLMEngine: one background thread steps the LLMEngine; each request reads its own stream.
+"""AsyncLLMEngine: the API process's side of the engine core; each request reads its own stream.
 
-Only the engine thread touches the engine. Handlers on the event loop hand it new requests and
-aborts through a thread-safe queue, and it hands back each step's outputs in one
-`call_soon_threadsafe`, so a step costs one cross-thread wake-up however many requests it served.
-Outputs are cumulative, so a stream keeps only the latest one: a slow reader skips intermediate
-states instead of queueing them.
+The engine runs in the core (aiinfra.serve.engine_core: its own process by default, a thread for
+tests). Handlers on the event loop add and abort requests through a pipe, written by one thread so
+that a full pipe never blocks the loop. The core's per-step reports arrive on the loop itself (a
+reader on the pipe's fd): one read fans a step's deltas out to every stream, which extends its
+request's cumulative output in place. A stream keeps only that latest state, so a slow reader
+skips intermediate states instead of queueing them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import queue
@@ -20,8 +20,24 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiinfra.infer.engine import CompletionOutput, EngineStats, LLMEngine, RequestOutput
+from aiinfra.infer.engine import (
+    CompletionOutput,
+    EngineConfig,
+    EngineStats,
+    LLMEngine,
+    RequestOutput,
+)
 from aiinfra.infer.sampling_params import SamplingParams
+from aiinfra.models import load_tokenizer
+from aiinfra.serve.engine_core import (
+    AbortRequest,
+    AddRequest,
+    Completion,
+    CoreHandle,
+    StepReport,
+    start_core_process,
+    start_core_thread,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +55,39 @@ class ServerOverloadedError(RuntimeError):
 
 
 class RequestStream:
-    """The latest cumulative output of one engine request, read by one handler on the event loop."""
+    """The cumulative output of one engine request, read by one handler on the event loop."""
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int]) -> None:
+    def __init__(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.finished = False  # set when the final output (or an error) has been delivered
-        self._latest: RequestOutput | None = None
+        completions = [
+            CompletionOutput(i, "", [], None, None if params.logprobs is None else [])
+            for i in range(params.n)
+        ]
+        self.output = RequestOutput(request_id, prompt_token_ids, completions, False)
+        self._is_new = False
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
-    def put(self, output: RequestOutput) -> None:
-        self._latest = output
-        self.finished = output.finished
+    def extend(self, finished: bool, num_cached_tokens: int, deltas: list[Completion]) -> None:
+        out = self.output
+        out.finished, out.num_cached_tokens = finished, num_cached_tokens
+        for index, token_ids, keep, text, finish_reason, stop_reason, logprobs in deltas:
+            c = out.outputs[index]
+            c.token_ids += token_ids
+            if keep < len(c.text):  # a stop string cut the text
+                c.text = c.text[:keep]
+            c.text += text
+            c.finish_reason, c.stop_reason = finish_reason, stop_reason
+            if logprobs:
+                assert c.logprobs is not None
+                c.logprobs += logprobs
+        self.finished = finished
+        self._is_new = True
         self._ready.set()
 
     def fail(self, error: BaseException) -> None:
@@ -64,29 +99,17 @@ class RequestStream:
         self._ready.set()
 
     async def next(self) -> RequestOutput | None:
-        """The newest output not yet read; None once the finished output has been read."""
+        """The output if it changed since the last call; None once the finished one was read."""
         while True:
-            if self._latest is not None:
-                out, self._latest = self._latest, None
-                return out
+            if self._is_new:
+                self._is_new = False
+                return self.output
             if self._error is not None:
                 raise self._error
             if self.finished:
                 return None
             self._ready.clear()
             await self._ready.wait()
-
-
-@dataclass(slots=True)
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass(slots=True)
-class _Abort:
-    request_id: str
 
 
 @dataclass(slots=True)
@@ -99,41 +122,67 @@ class _Counters:
     start_time: float = field(default_factory=time.time)
 
 
-class AsyncLLMEngine:
-    """Wraps an LLMEngine for asyncio handlers: `generate()` -> RequestStream, `abort()`."""
+_ADD_ERRORS: dict[str, type[Exception]] = {"ValueError": ValueError, "TypeError": TypeError}
 
-    def __init__(self, engine: LLMEngine, *, max_waiting: int) -> None:
+
+class AsyncLLMEngine:
+    """Wraps an engine core for asyncio handlers: `generate()` -> RequestStream, `abort()`.
+
+    `from_config` starts the core in its own process (the server's default); `from_engine` runs an
+    engine built here on a thread of this process.
+    """
+
+    def __init__(self, core: CoreHandle, tokenizer: Any, *, max_waiting: int) -> None:
         if max_waiting < 0:
             raise ValueError(f"max_waiting ({max_waiting}) must be >= 0")
-        self.engine = engine
+        self.core = core
+        self.tokenizer = tokenizer
+        self.max_model_len = core.ready.max_model_len
+        self.vocab_size = core.ready.vocab_size
         self.max_waiting = max_waiting
-        # replaced, never mutated, by the engine thread: readers on the loop see a consistent one
-        self.stats: EngineStats = engine.get_stats()
+        self.stats: EngineStats = core.ready.stats  # replaced by each report
         self.counters = _Counters()
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}  # event-loop side only
-        self._num_pending = 0  # added but not yet acknowledged by the engine thread
+        self._streams: dict[str, RequestStream] = {}
+        self._num_pending = 0  # added but not yet acknowledged by the core
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._outbox: queue.SimpleQueue[AddRequest | AbortRequest | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._is_core_alive = True
 
-    # --- event-loop side --------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: EngineConfig, *, max_waiting: int, engine_cls: type[LLMEngine] = LLMEngine
+    ) -> AsyncLLMEngine:
+        """Spawn the engine core process; its startup errors are raised here."""
+        core = start_core_process(config, engine_cls)
+        return cls(core, load_tokenizer(config.model), max_waiting=max_waiting)
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine, *, max_waiting: int) -> AsyncLLMEngine:
+        return cls(start_core_thread(engine), engine.tokenizer, max_waiting=max_waiting)
+
+    # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Attach to the running event loop."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
+        self._loop.add_reader(self.core.outputs.fileno(), self._on_readable)
+        self._writer = threading.Thread(target=self._write, name="engine-core-writer", daemon=True)
+        self._writer.start()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        self._stopping = True
-        self._commands.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        if self._loop is not None and self._is_core_alive:
+            self._loop.remove_reader(self.core.outputs.fileno())
+        self._is_core_alive = False
+        self._outbox.put(None)
+        if self._writer is not None:
+            self._writer.join(timeout_s)
+        self.core.close(timeout_s)
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._is_core_alive and self._writer is not None and self._writer.is_alive()
 
     @property
     def num_waiting(self) -> int:
@@ -143,25 +192,29 @@ class AsyncLLMEngine:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    # --- requests -----------------------------------------------------------------------------
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         """Add a request; raises ValueError (bad input) or ServerOverloadedError (back-pressure)."""
+        if not self._is_core_alive:
+            raise EngineStepError("the engine core is not running")
         if self.num_waiting >= self.max_waiting:
             self.counters.num_rejected += 1
             raise ServerOverloadedError(
                 f"{self.num_waiting} requests are waiting (max_waiting={self.max_waiting})"
             )
         request_id = f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        stream = RequestStream(request_id, prompt_token_ids)
+        stream = RequestStream(request_id, prompt_token_ids, params)
         self._streams[request_id] = stream
         self._num_pending += 1
         self.counters.num_requests += 1
-        self._commands.put(_Add(request_id, prompt_token_ids, params))
+        self._outbox.put(AddRequest(request_id, prompt_token_ids, params))
         try:
             await stream.accepted
         except BaseException:
             self._streams.pop(request_id, None)
             if stream._error is None:
-                self._commands.put(_Abort(request_id))  # cancelled while the add was in flight
+                self._outbox.put(AbortRequest(request_id))  # cancelled while the add was in flight
             raise
         return stream
 
@@ -171,138 +224,61 @@ class AsyncLLMEngine:
         self.counters.num_aborted += 1
         self._streams.pop(stream.request_id, None)
         stream.fail(RequestAbortedError(stream.request_id))
-        self._commands.put(_Abort(stream.request_id))
+        self._outbox.put(AbortRequest(stream.request_id))
 
-    def _acknowledge(self, results: list[tuple[str, BaseException | None]]) -> None:
-        for request_id, error in results:
+    # --- the pipes ----------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        while (cmd := self._outbox.get()) is not None:
+            try:
+                self.core.commands.send(cmd)
+            except OSError:
+                return  # the core is gone; the reader reports it
+
+    def _on_readable(self) -> None:
+        outputs = self.core.outputs
+        try:
+            while outputs.poll():
+                self._on_report(outputs.recv())
+        except (EOFError, OSError):
+            self._on_core_exit()
+
+    def _on_core_exit(self) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(self.core.outputs.fileno())
+        if not self._is_core_alive:
+            return  # shutting down
+        self._is_core_alive = False
+        logger.error("the engine core exited; failing %d requests", len(self._streams))
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            self.counters.num_failed += 1
+            stream.fail(EngineStepError("the engine core exited"))
+
+    def _on_report(self, report: StepReport) -> None:
+        streams = self._streams
+        for request_id, error in report.acks:
             self._num_pending -= 1
-            stream = self._streams.get(request_id)
+            stream = streams.get(request_id)
             if stream is None or stream.accepted.done():
                 continue
             if error is None:
                 stream.accepted.set_result(None)
             else:
-                self._streams.pop(request_id, None)
-                stream.fail(error)
-
-    def _deliver(self, outputs: list[RequestOutput], failed: list[str], error: str | None) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
+                del streams[request_id]
+                kind, message = error
+                stream.fail(_ADD_ERRORS.get(kind, EngineStepError)(message))
+        for request_id, finished, num_cached, deltas in report.deltas:
+            stream = streams.get(request_id)
             if stream is None:
                 continue
-            stream.put(out)
-            if out.finished:
-                del self._streams[out.request_id]
-        for request_id in failed:
-            stream = self._streams.pop(request_id, None)
+            stream.extend(finished, num_cached, deltas)
+            if finished:
+                del streams[request_id]
+        for request_id, message in report.failed:
+            stream = streams.pop(request_id, None)
             if stream is not None:
                 self.counters.num_failed += 1
-                stream.fail(EngineStepError(error or "engine step failed"))
-
-    # --- engine thread ----------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        live: set[str] = set()  # requests inside the engine, seen from this thread
-        while not self._stopping:
-            try:
-                if not self._drain(live, block=not self.engine.has_unfinished_requests()):
-                    break
-                if not self.engine.has_unfinished_requests():
-                    continue
-                outputs = self.engine.step()
-                snapshot = [_snapshot(out) for out in outputs]
-            except Exception as e:  # the loop outlives any engine error: only live requests fail
-                self._fail_live(live, e)
-                continue
-            for out in outputs:
-                if out.finished:
-                    live.discard(out.request_id)
-            self._refresh_stats()
-            self._call(self._deliver, snapshot, [], None)
-
-    def _drain(self, live: set[str], *, block: bool) -> bool:
-        """Apply queued adds/aborts; False on shutdown."""
-        results: list[tuple[str, BaseException | None]] = []
-        try:
-            cmd = self._commands.get(timeout=1.0) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return True
-        try:
-            while True:
-                if cmd is None:
-                    return False
-                if isinstance(cmd, _Add):
-                    results.append((cmd.request_id, self._add(cmd, live)))
-                elif cmd.request_id in live:
-                    live.discard(cmd.request_id)
-                    self._abort(cmd.request_id)
-                try:
-                    cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-        finally:
-            self._refresh_stats()  # before the acks: num_waiting never undercounts
-            if results:
-                self._call(self._acknowledge, results)
-        return True
-
-    def _add(self, cmd: _Add, live: set[str]) -> BaseException | None:
-        try:
-            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
-        except (ValueError, TypeError) as e:
-            return e
-        except Exception as e:
-            logger.exception("engine.add_request(%s) failed", cmd.request_id)
-            return EngineStepError(f"{type(e).__name__}: {e}")
-        live.add(cmd.request_id)
-        return None
-
-    def _fail_live(self, live: set[str], error: Exception) -> None:
-        """A step raised: abort every request in the engine (frees their blocks) and fail them."""
-        logger.exception("engine step failed; failing its %d requests", len(live))
-        self.counters.num_step_errors += 1
-        for request_id in live:
-            self._abort(request_id)
-        failed = list(live)
-        live.clear()
-        self._refresh_stats()
-        self._call(self._deliver, [], failed, f"{type(error).__name__}: {error}")
-
-    def _abort(self, request_id: str) -> None:
-        try:
-            self.engine.abort_request(request_id)
-        except Exception:
-            logger.exception("engine.abort_request(%s) failed", request_id)
-
-    def _refresh_stats(self) -> None:
-        try:
-            self.stats = self.engine.get_stats()
-        except Exception:
-            logger.exception("engine.get_stats() failed; /metrics keeps the previous figures")
-
-    def _call(self, fn: Any, *args: Any) -> None:
-        assert self._loop is not None
-        # the loop closes during shutdown: then nobody is listening any more
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(fn, *args)
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """A copy the event loop may read while the engine keeps appending to its own lists."""
-    return RequestOutput(
-        request_id=out.request_id,
-        prompt_token_ids=out.prompt_token_ids,
-        outputs=[
-            CompletionOutput(
-                index=c.index,
-                text=c.text,
-                token_ids=list(c.token_ids),
-                finish_reason=c.finish_reason,
-                logprobs=None if c.logprobs is None else list(c.logprobs),
-                stop_reason=c.stop_reason,
-            )
-            for c in out.outputs
-        ],
-        finished=out.finished,
-        num_cached_tokens=out.num_cached_tokens,
-    )
+                stream.fail(EngineStepError(message))
+        self.counters.num_step_errors = report.num_step_errors
+        self.stats = EngineStats(*report.stats)

@@ -2,7 +2,9 @@
 
 Every error leaves as an OpenAI error body: bad input 400, missing or wrong key 401, unknown route
 or model 404, oversized body 413 (checked while reading, before parsing), too many waiting requests
-429, an engine failure 503 for the requests it hit (logged; the engine loop keeps running).
+429, an engine failure 503 for the requests it hit (logged; the engine core keeps running).
+The engine runs in its own process (aiinfra.serve.engine_core); this process does HTTP,
+tokenization and SSE.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aiinfra.infer.engine import LLMEngine
+from aiinfra.infer.engine import EngineConfig, LLMEngine
 from aiinfra.serve import protocol
 from aiinfra.serve.async_engine import (
     AsyncLLMEngine,
@@ -61,9 +63,13 @@ class ServerConfig:
             raise ValueError("api_key ('') must be non-empty when given")
 
 
-def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
-    """An app serving `engine`; its engine thread runs while the app's lifespan does."""
-    async_engine = AsyncLLMEngine(engine, max_waiting=config.max_waiting)
+def build_app(engine: LLMEngine | AsyncLLMEngine, config: ServerConfig) -> FastAPI:
+    """An app serving `engine`: an AsyncLLMEngine (its core is shut down with the app), or an
+    LLMEngine built in this process, then stepped by a core thread."""
+    if isinstance(engine, AsyncLLMEngine):
+        async_engine = engine
+    else:
+        async_engine = AsyncLLMEngine.from_engine(engine, max_waiting=config.max_waiting)
     metrics = ServerMetrics(lambda: async_engine.stats)
 
     @asynccontextmanager
@@ -160,7 +166,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     async def detokenize(request: Request) -> dict[str, Any]:
         req = await parse(request, protocol.DetokenizeRequest)
         serving.check_model(req.model)
-        vocab = engine.model_config.vocab_size
+        vocab = async_engine.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"tokens ({bad[:5]}) must be in [0, {vocab})", param="tokens")
@@ -169,7 +175,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         if not async_engine.is_running:
-            body = protocol.error_body("engine loop is not running", type="server_error")
+            body = protocol.error_body("the engine core is not running", type="server_error")
             return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -336,19 +342,27 @@ class BackgroundServer:
 
 
 def start_background_server(
-    engine: LLMEngine,
+    engine: LLMEngine | EngineConfig,
     config: ServerConfig,
     *,
+    engine_cls: type[LLMEngine] = LLMEngine,
     host: str = "127.0.0.1",
     port: int = 0,
     timeout_s: float = 30.0,
 ) -> BackgroundServer:
-    """Serve `engine` from a thread; port 0 takes a free port (bound here, so no race)."""
+    """Serve from a thread: an EngineConfig gets an engine core process (building
+    `engine_cls`), an LLMEngine a core thread. Port 0 takes a free port (bound here: no race)."""
     import uvicorn
 
+    if isinstance(engine, EngineConfig):
+        served: LLMEngine | AsyncLLMEngine = AsyncLLMEngine.from_config(
+            engine, max_waiting=config.max_waiting, engine_cls=engine_cls
+        )
+    else:
+        served = engine
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((host, port))
-    app = build_app(engine, config)
+    app = build_app(served, config)
     uv_config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     server = uvicorn.Server(uv_config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -374,11 +388,13 @@ def run_server(
     kv_cache_memory: int | str = "2GiB",
     max_num_seqs: int = 256,
     tp: int = 1,
+    engine_process: bool = True,
 ) -> None:
-    """`aiinfra serve`: build the engine on `model` (a local HF-format folder) and serve it."""
-    import uvicorn
+    """`aiinfra serve`: build the engine on `model` (a local HF-format folder) and serve it.
 
-    from aiinfra.infer.engine import EngineConfig
+    The engine core runs in its own process (`engine_process=False`: a thread of this one); its
+    startup errors are raised before the server listens."""
+    import uvicorn
 
     if tp != 1:
         raise ValueError(f"tp ({tp}) > 1 is not supported by the engine yet")
@@ -391,8 +407,13 @@ def run_server(
     )
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt)
-    engine = LLMEngine(
-        EngineConfig(model=model, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs)
+    engine_config = EngineConfig(
+        model=model, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs
     )
+    engine: LLMEngine | AsyncLLMEngine
+    if engine_process:
+        engine = AsyncLLMEngine.from_config(engine_config, max_waiting=max_waiting)
+    else:
+        engine = LLMEngine(engine_config)
     logger.info("serving %s on http://%s:%d", config.served_model_name, host, port)
     uvicorn.run(build_app(engine, config), host=host, port=port, log_level="warning")

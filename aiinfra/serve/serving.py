@@ -102,8 +102,8 @@ class OpenAIServing:
         self.engine = engine
         self.metrics = metrics
         self.model_name = served_model_name
-        self.tokenizer = engine.engine.tokenizer
-        self.max_model_len: int = engine.engine.max_model_len
+        self.tokenizer = engine.tokenizer
+        self.max_model_len: int = engine.max_model_len
         template = getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error

@@ -1,4 +1,5 @@
-"""Fixtures: real uvicorn servers on free 127.0.0.1 ports serving the real engine, tiny model."""
+"""Fixtures: real uvicorn servers on free 127.0.0.1 ports serving the real engine, tiny model,
+each with its engine core in its own process (as `aiinfra serve`)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ MAX_MODEL_LEN = 512
 @dataclass
 class RunningServer:
     background: BackgroundServer
-    engine: LLMEngine
 
     @property
     def url(self) -> str:
@@ -55,8 +55,10 @@ class FaultyEngine(LLMEngine):
         return super().step()
 
 
-def start_server(engine: LLMEngine, config: ServerConfig) -> RunningServer:
-    return RunningServer(start_background_server(engine, config), engine)
+def start_server(
+    engine: LLMEngine | EngineConfig, config: ServerConfig, engine_cls: type[LLMEngine] = LLMEngine
+) -> RunningServer:
+    return RunningServer(start_background_server(engine, config, engine_cls=engine_cls))
 
 
 @pytest.fixture(scope="session")
@@ -73,14 +75,14 @@ def ref_model(model_dir: Path):
     return model.eval()
 
 
-def _engine(model_dir: Path, cls: type[LLMEngine] = LLMEngine, **kw) -> LLMEngine:
+def engine_config(model_dir: Path, **kw) -> EngineConfig:
     cfg = dict(kv_cache_memory="16MiB", max_model_len=MAX_MODEL_LEN, num_threads=1)
-    return cls(EngineConfig(model=str(model_dir), **{**cfg, **kw}))
+    return EngineConfig(model=str(model_dir), **{**cfg, **kw})
 
 
 @pytest.fixture(scope="session")
 def server(model_dir: Path) -> Iterator[RunningServer]:
-    running = start_server(_engine(model_dir), ServerConfig(served_model_name=MODEL_NAME))
+    running = start_server(engine_config(model_dir), ServerConfig(served_model_name=MODEL_NAME))
     yield running
     running.stop()
 
@@ -88,8 +90,8 @@ def server(model_dir: Path) -> Iterator[RunningServer]:
 @pytest.fixture(scope="session")
 def strict_server(model_dir: Path) -> Iterator[RunningServer]:
     """API key, one running sequence at most, one waiting at most, and fault injection."""
-    engine = _engine(model_dir, FaultyEngine, max_num_seqs=1)
+    engine = engine_config(model_dir, max_num_seqs=1)
     config = ServerConfig(served_model_name=MODEL_NAME, api_key=API_KEY, max_waiting=1)
-    running = start_server(engine, config)
+    running = start_server(engine, config, FaultyEngine)
     yield running
     running.stop()

@@ -48,7 +48,7 @@ def test_no_chunk_without_progress():
 def _serving(tokenizer) -> OpenAIServing:
     from types import SimpleNamespace
 
-    engine = SimpleNamespace(engine=SimpleNamespace(tokenizer=tokenizer, max_model_len=64))
+    engine = SimpleNamespace(tokenizer=tokenizer, max_model_len=64)
     return OpenAIServing(engine, metrics=None, served_model_name="m")  # type: ignore[arg-type]
 
 
