@@ -17,11 +17,11 @@ import torch
 
 from aiinfra.infer.attention import KVCache
 from aiinfra.infer.block_manager import BlockManager
-from aiinfra.infer.model_runner import ModelRunner
+from aiinfra.infer.model_runner import ModelRunner, profile_kv_cache_memory
 from aiinfra.infer.sampling_params import SamplingParams
 from aiinfra.infer.scheduler import Scheduler, SchedulerConfig
 from aiinfra.infer.sequence import Request, Sequence
-from aiinfra.models import ModelConfig, load_model, load_tokenizer
+from aiinfra.models import LlamaForCausalLM, ModelConfig, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,22 @@ def parse_bytes(value: int | str, name: str = "kv_cache_memory") -> int:
     return num
 
 
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+DEFAULT_CPU_KV_CACHE_MEMORY = "2GiB"
+_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     model: str  # model folder
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     block_size: int = 16
-    kv_cache_memory: int | str = "2GiB"
+    # None: 2GiB on CPU; on CUDA, what gpu_memory_utilization leaves after weights and activations
+    kv_cache_memory: int | str | None = None
+    # CUDA: the fraction of the card's memory this engine may use (weights, activations, KV)
+    gpu_memory_utilization: float = _DEFAULT_GPU_MEMORY_UTILIZATION
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps (CPU is always eager)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -60,11 +69,20 @@ class EngineConfig:
     num_threads: int | None = None  # CPU: torch threads; default all cores this process may use
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype ({self.dtype!r}) must be one of {', '.join(_DTYPES)}")
+        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
+            raise ValueError(f"device ({self.device!r}) must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device ({self.device!r}) needs CUDA, which this machine lacks")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            names = ", ".join(["auto", *_DTYPES])
+            raise ValueError(f"dtype ({self.dtype!r}) must be one of {names}")
         if self.block_size <= 0:
             raise ValueError(f"block_size ({self.block_size}) must be positive")
-        parse_bytes(self.kv_cache_memory)
+        if self.kv_cache_memory is not None:
+            parse_bytes(self.kv_cache_memory)
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, int | float) or not 0 < util <= 1:
+            raise ValueError(f"gpu_memory_utilization ({util!r}) must be in (0, 1]")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len ({self.max_model_len}) must be positive")
         if self.num_threads is not None and self.num_threads <= 0:
@@ -76,6 +94,18 @@ class EngineConfig:
         return SchedulerConfig(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens
         )
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
 
 
 @dataclass(slots=True)
@@ -117,10 +147,10 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        if config.device == "cpu":
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
-        dtype = _DTYPES[config.dtype]
-        model, self.model_config = load_model(config.model, device=config.device, dtype=dtype)
+        model, self.model_config = load_model(config.model, device=self.device, dtype=self.dtype)
         model.eval()
         self.tokenizer = load_tokenizer(config.model)
         mc: ModelConfig = self.model_config
@@ -131,28 +161,30 @@ class LLMEngine:
                 f"max_position_embeddings ({mc.max_position_embeddings})"
             )
         per_block = KVCache.bytes_per_block(
-            mc.num_layers, config.block_size, mc.num_kv_heads, mc.dim_per_head, dtype
+            mc.num_layers, config.block_size, mc.num_kv_heads, mc.dim_per_head, self.dtype
         )
-        num_blocks = parse_bytes(config.kv_cache_memory) // per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory ({config.kv_cache_memory!r}) holds no block "
-                f"({per_block} bytes each)"
-            )
+        num_blocks = self._num_kv_blocks(model, per_block)
         kv_cache = KVCache.allocate(
             num_layers=mc.num_layers,
-            num_blocks=num_blocks,
+            num_blocks=num_blocks + 1,  # + the scratch block that padded decode rows write to
             block_size=config.block_size,
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.dim_per_head,
-            dtype=dtype,
-            device=config.device,
+            dtype=self.dtype,
+            device=self.device,
         )
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.model_runner = ModelRunner(model, mc, kv_cache)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.model_runner.init_decode_graphs(
+                max_num_seqs=config.max_num_seqs,
+                max_model_len=self.max_model_len,
+                scratch_block=num_blocks,
+                capture=True,
+            )
         self.eos_token_id = (
             mc.eos_token_id if mc.eos_token_id is not None else self.tokenizer.eos_token_id
         )
@@ -162,11 +194,43 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info(
-            "engine: %d KV blocks of %d tokens (%d bytes each)",
+            "engine on %s (%s): %d KV blocks of %d tokens (%d bytes each), %s",
+            self.device,
+            str(self.dtype).removeprefix("torch."),
             num_blocks,
             config.block_size,
             per_block,
+            "CUDA graphs for decode" if self.model_runner.graph_runner else "eager",
         )
+
+    def _num_kv_blocks(self, model: LlamaForCausalLM, per_block: int) -> int:
+        """KV blocks from kv_cache_memory, or on CUDA (when it is None) from the memory that
+        gpu_memory_utilization of the card leaves after the weights and a profiled full-budget
+        step (as vLLM sizes it)."""
+        config = self.config
+        util = config.gpu_memory_utilization
+        if self.device.type == "cuda" and config.kv_cache_memory is None:
+            budget = profile_kv_cache_memory(
+                model,
+                gpu_memory_utilization=util,
+                num_tokens=config.max_num_batched_tokens,
+                num_seqs=config.max_num_seqs,
+                max_model_len=self.max_model_len,
+                block_size=config.block_size,
+            )
+            source = f"gpu_memory_utilization ({util})"
+        else:
+            if util != _DEFAULT_GPU_MEMORY_UTILIZATION:
+                why = "on CPU" if self.device.type == "cpu" else "with kv_cache_memory set"
+                logger.warning("gpu_memory_utilization (%s) is ignored %s", util, why)
+            budget = parse_bytes(config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY)
+            source = f"kv_cache_memory ({config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY!r})"
+        if budget < per_block:
+            raise ValueError(
+                f"{source} leaves {max(budget, 0)} bytes for the KV cache: "
+                f"not one block ({per_block} bytes)"
+            )
+        return budget // per_block
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -202,7 +266,7 @@ class LLMEngine:
         for i in range(params.n):
             gen = None
             if params.seed is not None:
-                gen = torch.Generator(device=self.config.device).manual_seed(params.seed + i)
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq = Sequence(
                 seq_id=next(self._seq_ids),
                 request_id=request_id,

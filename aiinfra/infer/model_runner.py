@@ -2,7 +2,8 @@
 
 All sequences of a step are packed into one row (B=1, T=N tokens), so the linear layers run one
 big matmul for prefill chunks and decodes alike; logits are computed only for the last position of
-each sequence that samples. The runner owns the KV cache and only reads the sequences.
+each sequence that samples. The runner owns the KV cache and only reads the sequences. On CUDA,
+decode-only steps replay CUDA graphs (cuda_graphs.py); everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from aiinfra.infer.attention import AttentionMetadata, KVCache, PagedAttention
+from aiinfra.infer.cuda_graphs import DecodeGraphRunner
 from aiinfra.infer.sampler import Sampler, SamplerOutput
 from aiinfra.infer.scheduler import Batch
 from aiinfra.models import LlamaForCausalLM, ModelConfig
@@ -30,6 +32,22 @@ class ModelRunner:
         self.device = kv_cache.device
         self.scale = config.dim_per_head**-0.5
         self.sampler = Sampler()
+        self.graph_runner: DecodeGraphRunner | None = None
+
+    def init_decode_graphs(
+        self, *, max_num_seqs: int, max_model_len: int, scratch_block: int, capture: bool
+    ) -> None:
+        """Run decode-only batches on static buffers from now on: replayed CUDA graphs with
+        capture=True, the same padded buffers run eagerly with capture=False (CPU tests)."""
+        self.graph_runner = DecodeGraphRunner(
+            self.model,
+            self.kv_cache,
+            scale=self.scale,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            scratch_block=scratch_block,
+            capture=capture,
+        )
 
     def prepare(
         self, batch: Batch
@@ -89,6 +107,8 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_logits(self, batch: Batch) -> torch.Tensor:
         """Run the model on the batch (writing its K/V); logits [M, V] of the sampling rows."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.compute_logits(batch)
         input_ids, positions, meta, logits_indices = self.prepare(batch)
         attn = PagedAttention(self.kv_cache, meta, self.scale)
         hidden = self.model.model(input_ids[None], positions[None], attn=attn)
@@ -102,3 +122,69 @@ class ModelRunner:
         if not sampling:
             return SamplerOutput([], None)
         return self.sampler(logits, sampling)
+
+
+def profile_kv_cache_memory(
+    model: LlamaForCausalLM,
+    *,
+    gpu_memory_utilization: float,
+    num_tokens: int,
+    num_seqs: int,
+    max_model_len: int,
+    block_size: int,
+) -> int:
+    """Bytes the KV cache may take on the model's CUDA device (vLLM's profiling): the card's
+    memory times gpu_memory_utilization, minus what is in use now (weights, CUDA context, other
+    processes), minus the activation peak of a dummy step of num_tokens prompt tokens that
+    samples num_seqs rows. May be negative (the caller reports it)."""
+    device = next(model.parameters()).device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    profile_cache_bytes = _profile_step(model, num_tokens, num_seqs, max_model_len, block_size)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base - profile_cache_bytes
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total * gpu_memory_utilization) - (total - free) - peak
+
+
+@torch.inference_mode()
+def _profile_step(
+    model: LlamaForCausalLM, num_tokens: int, num_seqs: int, max_model_len: int, block_size: int
+) -> int:
+    """A full-budget prefill step (sequences of at most max_model_len tokens, K/V in a small
+    cache of their own) and its sampling; returns that cache's bytes."""
+    config: ModelConfig = model.config
+    p = next(model.parameters())
+    lens = [min(max_model_len, num_tokens - i) for i in range(0, num_tokens, max_model_len)]
+    nblocks = [-(-n // block_size) for n in lens]
+    kv = KVCache.allocate(
+        num_layers=config.num_layers,
+        num_blocks=sum(nblocks),
+        block_size=block_size,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.dim_per_head,
+        dtype=p.dtype,
+        device=p.device,
+    )
+    first = np.concatenate([[0], np.cumsum(nblocks)[:-1]])
+    tables = first[:, None] + np.arange(max(nblocks))[None, :]
+    positions = np.concatenate([np.arange(n) for n in lens])
+    slots = np.repeat(first, lens) * block_size + positions
+    qsl = np.concatenate([[0], np.cumsum(lens)])
+    meta = AttentionMetadata(
+        slot_mapping=torch.from_numpy(slots).to(p.device),
+        block_tables=torch.from_numpy(tables.astype(np.int32)).to(p.device),
+        query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(p.device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=p.device),
+        max_query_len=max(lens),
+        max_seq_len=max(lens),
+    )
+    ids = torch.zeros(1, num_tokens, dtype=torch.int64, device=p.device)
+    attn = PagedAttention(kv, meta, config.dim_per_head**-0.5)
+    hidden = model.model(ids, torch.from_numpy(positions).to(p.device)[None], attn=attn)
+    logits = model.compute_logits(hidden[0, -min(num_seqs, num_tokens) :])
+    torch.softmax(logits.float(), dim=-1)  # the sampler's fp32 copies
+    return kv.kv.nbytes
