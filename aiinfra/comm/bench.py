@@ -22,7 +22,13 @@ import torch
 import torch.distributed as dist
 
 from aiinfra.comm.spawn import spawn_local
-from aiinfra.comm.tuner import ALGORITHMS, DEFAULT_TUNING_PATH, SHM_CHUNK_BYTES, Sample
+from aiinfra.comm.tuner import (
+    ALGORITHMS,
+    DEFAULT_TUNING_PATH,
+    REGISTERED_ONLY,
+    SHM_CHUNK_BYTES,
+    Sample,
+)
 
 BENCH_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 DEFAULT_SIZES = tuple(8 << i for i in range(26))  # 8 B .. 256 MiB
@@ -204,11 +210,8 @@ def _make_op(
     else:
         x = torch.ones(numel, dtype=dtype)
     small = x[: numel // p] if op in ("all_gather", "reduce_scatter") else x
-    name, transport = group.resolve(op, impl, numel * es, x.device)
-    if impl == "auto" and op == "all_reduce" and c._is_registered(group, x, x):
-        name, transport = (
-            ("two_shot", "shm") if numel * es >= c.REGISTERED_MIN_BYTES else (name, transport)
-        )
+    registered_in_place = impl == "auto" and op == "all_reduce" and c.is_registered(group, x, x)
+    name, transport = group.resolve(op, impl, numel * es, x.device, registered_in_place)
     algorithm = "torch" if transport == "native" else f"{name}@{transport}"
     out = torch.empty(numel, dtype=dtype)
     ops: dict[str, Callable[[], object]] = {
@@ -244,14 +247,17 @@ def traffic_bytes(op: str, algorithm: str, nbytes: int, p: int, registered: bool
     n = float(nbytes)
     if op != "all_reduce" or p < 2:
         return None
-    if algorithm == "two_shot@shm":
+    if algorithm == "push_two_shot@shm" and not registered:
+        algorithm = "two_shot@shm"  # what it runs as
+    if algorithm in ("two_shot@shm", "push_two_shot@shm"):
+        # registered push: the same bytes, the p-1 slices copied out of this rank's own buffer
         gather = 2 * (p - 1) / p * n  # copy the p-1 peer slices
         if registered:
             return n + n / p + gather  # reduce: read p slices of n/p, write one
         return 2 * (p - 1) / p * n + n + n / p + gather + 2 * n / p  # + copy in, + own slice out
     if algorithm == "cma_two_shot@shm" and not registered:
         # per peer: its slice into scratch (read + write n/p), reduce (read 2, write 1 slice); then
-        # every peer's reduced slice straight into out (read + write n/p)
+        # the reduced slice straight into the peer's out (read + write n/p)
         return (p - 1) * (2 + 3 + 2) * n / p
     if algorithm == "one_shot@shm":
         return 2 * n + p * n + n  # copy in; read p buffers, write the result
@@ -308,6 +314,7 @@ _CALIBRATION: dict[str, list[tuple[str, str, str]]] = {  # cost key -> (op, algo
         ("all_reduce", "one_shot", "one_shot@shm"),
         ("all_reduce", "two_shot", "two_shot@shm"),
         ("all_reduce", "cma_two_shot", "cma_two_shot@shm"),
+        ("all_reduce", "push_two_shot", "push_two_shot@shm"),  # on a registered buffer
         ("all_gather", "direct", "direct@shm"),
     ],
     "shm_p2p": [
@@ -330,13 +337,15 @@ def measure_samples(group: object, sizes: Sequence[int], iters: int) -> dict[str
 
     assert isinstance(group, c.CommGroup)
     samples: dict[str, list[Sample]] = {key: [] for key in _CALIBRATION}
+    registered = group.alloc(max(sizes) // 4 + 64) if group.shm is not None else None
     for key, cases in _CALIBRATION.items():
         if key.startswith("shm") and group.shm is None:
             continue
         for op, algorithm, impl in cases:
             assert algorithm == "native" or algorithm in ALGORITHMS[op] or "shm" in impl
+            buffer = registered if algorithm in REGISTERED_ONLY else None
             for nbytes in sizes:
-                fn, _ = _make_op(group, op, impl, nbytes, torch.float32, None)
+                fn, _ = _make_op(group, op, impl, nbytes, torch.float32, buffer)
                 n = max(2, min(iters, (64 << 20) // nbytes))
                 (seconds,) = time_interleaved([fn], 1, n, repeats=3)  # median of 3 blocks
                 samples[key].append(Sample(op, algorithm, nbytes, group.world_size, seconds))

@@ -26,16 +26,14 @@ from aiinfra.comm.tuner import (
     DEFAULT_PARAMS,
     DEFAULT_TUNING_PATH,
     NATIVE,
+    REGISTERED_ONLY,
     SHM_ALGORITHMS,
     SHM_CHUNK_BYTES,
     LinkParams,
     algorithm_cost,
+    algorithm_params,
     load_params,
 )
-
-# Registered buffers at least this large go to the in-place two-shot all_reduce (no staging copy);
-# below it one-shot's single barrier wins.
-REGISTERED_MIN_BYTES = 256 << 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,28 +93,36 @@ class CommGroup:
             return self.shm
         return self.torch
 
-    def choose(self, op: str, nbytes: int, device: torch.device) -> tuple[str, str]:
-        """(algorithm, transport) with the lowest modelled time; NCCL's tuner on CUDA tensors."""
-        key = (op, nbytes, device.type)
+    def choose(
+        self, op: str, nbytes: int, device: torch.device, registered: bool = False
+    ) -> tuple[str, str]:
+        """(algorithm, transport) with the lowest modelled time; NCCL's tuner on CUDA tensors.
+        `registered`: the tensor is an in-place buffer from alloc(), which peers map."""
+        key = (op, nbytes, device.type, registered)
         if key not in self._choices:
             cands = [(NATIVE, NATIVE)]
             if device.type == "cpu":
                 cands += [(a, "torch") for a in ALGORITHMS[op]]
                 if self.shm is not None:
+                    # without a registered buffer (or CMA) these would run as staging two_shot
+                    skip = (() if registered else REGISTERED_ONLY) + (() if self.shm.cma else CMA)
                     cands += [(a, "shm") for a in SHM_ALGORITHMS[op] + ALGORITHMS[op]]
-                    if not self.shm.cma:  # it would run as staging two_shot
-                        cands.remove(("cma_two_shot", "shm"))
+                    cands = [c for c in cands if c[0] not in skip]
             self._choices[key] = min(cands, key=lambda c: self.cost(op, c[0], c[1], nbytes))
         return self._choices[key]
 
     def cost(self, op: str, algorithm: str, transport: str, nbytes: int) -> float:
-        """Modelled seconds; point-to-point algorithms on shm use the mailbox parameters."""
+        """Modelled seconds; point-to-point algorithms on shm use the mailbox parameters, and
+        calibrated algorithms their own (see tuner.algorithm_params)."""
         key = "shm_p2p" if transport == "shm" and algorithm not in SHM_ALGORITHMS[op] else transport
-        return algorithm_cost(op, algorithm, nbytes, self.world_size, self.params[key])
+        params = algorithm_params(self.params, key, op, algorithm)
+        return algorithm_cost(op, algorithm, nbytes, self.world_size, params)
 
-    def resolve(self, op: str, impl: str, nbytes: int, device: torch.device) -> tuple[str, str]:
+    def resolve(
+        self, op: str, impl: str, nbytes: int, device: torch.device, registered: bool = False
+    ) -> tuple[str, str]:
         if impl == "auto":
-            return self.choose(op, nbytes, device)
+            return self.choose(op, nbytes, device, registered)
         if impl in ("torch", NATIVE):
             return NATIVE, NATIVE
         name, _, transport = impl.partition("@")
@@ -133,6 +139,9 @@ class CommGroup:
         if transport == "shm" and device.type != "cpu":
             raise ValueError(f"impl ({impl!r}): the shm transport needs CPU tensors, got {device}")
         return name, transport
+
+
+CMA = ("cma_two_shot",)
 
 
 def _check_tensor(field_name: str, t: torch.Tensor) -> None:
@@ -193,9 +202,8 @@ def all_reduce(
                 f" tensor ({tensor.numel()} x {tensor.dtype})"
             )
     nbytes = tensor.numel() * tensor.element_size()
-    name, transport = group.resolve("all_reduce", impl, nbytes, tensor.device)
-    if impl == "auto" and _is_registered(group, tensor, out) and nbytes >= REGISTERED_MIN_BYTES:
-        name, transport = "two_shot", "shm"  # in place in shared memory: no staging copy at all
+    registered = impl == "auto" and is_registered(group, tensor, out)
+    name, transport = group.resolve("all_reduce", impl, nbytes, tensor.device, registered)
     x, y = _flat(tensor), _flat(out)
 
     def run() -> None:
@@ -224,7 +232,8 @@ def all_reduce(
     return out
 
 
-def _is_registered(group: CommGroup, tensor: torch.Tensor, out: torch.Tensor) -> bool:
+def is_registered(group: CommGroup, tensor: torch.Tensor, out: torch.Tensor) -> bool:
+    """True for an in-place all_reduce on a buffer from group.alloc() (peers map it)."""
     return (
         group.shm is not None
         and out.data_ptr() == tensor.data_ptr()
@@ -236,6 +245,7 @@ _DIRECT_ALL_REDUCE = {
     "one_shot": direct.one_shot_all_reduce,
     "two_shot": direct.two_shot_all_reduce,
     "cma_two_shot": direct.cma_two_shot_all_reduce,
+    "push_two_shot": direct.push_two_shot_all_reduce,
 }
 _P2P_ALL_REDUCE = {
     "ring": alg.ring_all_reduce,

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,32 +82,41 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-_process_vm_readv = getattr(_libc, "process_vm_readv", None)
-if _process_vm_readv is not None:
-    _process_vm_readv.argtypes = [
-        ctypes.c_int,
-        ctypes.POINTER(_Iovec),
-        ctypes.c_ulong,
-        ctypes.POINTER(_Iovec),
-        ctypes.c_ulong,
-        ctypes.c_ulong,
-    ]
-    _process_vm_readv.restype = ctypes.c_ssize_t
+def _cma_function(name: str) -> Any:
+    fn = getattr(_libc, name, None)
+    if fn is not None:
+        iov = ctypes.POINTER(_Iovec)
+        fn.argtypes = [ctypes.c_int, iov, ctypes.c_ulong, iov, ctypes.c_ulong, ctypes.c_ulong]
+        fn.restype = ctypes.c_ssize_t
+    return fn
+
+
+_process_vm_readv = _cma_function("process_vm_readv")
+_process_vm_writev = _cma_function("process_vm_writev")
 
 
 def cma_read(pid: int, local_addr: int, remote_addr: int, nbytes: int) -> None:
     """Copy `nbytes` from `remote_addr` in process `pid` to `local_addr` here; OSError on failure
     (EPERM: no ptrace access, ESRCH: the process is gone, ENOSYS: not in this kernel)."""
-    if _process_vm_readv is None:
-        raise OSError(38, "process_vm_readv is not in this C library")
+    _cma_copy(_process_vm_readv, "process_vm_readv", pid, local_addr, remote_addr, nbytes)
+
+
+def cma_write(pid: int, local_addr: int, remote_addr: int, nbytes: int) -> None:
+    """Copy `nbytes` from `local_addr` here to `remote_addr` in process `pid` (as cma_read)."""
+    _cma_copy(_process_vm_writev, "process_vm_writev", pid, local_addr, remote_addr, nbytes)
+
+
+def _cma_copy(fn: Any, name: str, pid: int, local_addr: int, remote_addr: int, nbytes: int) -> None:
+    if fn is None:
+        raise OSError(38, f"{name} is not in this C library")
     done = 0
     while done < nbytes:  # the kernel may copy less than asked (it stops at a fault)
         local = _Iovec(local_addr + done, nbytes - done)
         remote = _Iovec(remote_addr + done, nbytes - done)
-        got = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        got = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if got <= 0:
             err = ctypes.get_errno() if got < 0 else 14  # 0 bytes: EFAULT
-            raise OSError(err, f"process_vm_readv from pid {pid}: {os.strerror(err)}")
+            raise OSError(err, f"{name} with pid {pid}: {os.strerror(err)}")
         done += got
 
 
@@ -270,14 +280,24 @@ class SharedMemoryTransport(Transport):
 
     def peer_read(self, dst: torch.Tensor, rank: int, remote_addr: int) -> None:
         """Fill contiguous `dst` from address `remote_addr` in rank `rank`'s process (CMA)."""
-        nbytes = dst.numel() * dst.element_size()
+        self._peer_copy(cma_read, "read", dst, rank, remote_addr)
+
+    def peer_write(self, src: torch.Tensor, rank: int, remote_addr: int) -> None:
+        """Copy contiguous `src` to address `remote_addr` in rank `rank`'s process (CMA)."""
+        self._peer_copy(cma_write, "write", src, rank, remote_addr)
+
+    def _peer_copy(
+        self, fn: Any, verb: str, local: torch.Tensor, rank: int, remote_addr: int
+    ) -> None:
+        nbytes = local.numel() * local.element_size()
         if nbytes:
             try:
-                cma_read(self.pids[rank], dst.data_ptr(), remote_addr, nbytes)
+                fn(self.pids[rank], local.data_ptr(), remote_addr, nbytes)
             except OSError as e:
                 self._check_alive([rank])
                 raise RuntimeError(
-                    f"group {self.name}: rank {self.rank} could not read rank {rank}'s memory: {e}"
+                    f"group {self.name}: rank {self.rank} could not {verb} rank {rank}'s memory:"
+                    f" {e}"
                 ) from e
 
     # --- ticks: signal = store own counter, wait = every peer's counter reached the value ---------

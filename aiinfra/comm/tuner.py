@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,13 +29,15 @@ ALGORITHMS: dict[str, tuple[str, ...]] = {
 }
 # direct algorithms: read peers' buffers in place, shared-memory transport only
 SHM_ALGORITHMS: dict[str, tuple[str, ...]] = {
-    "all_reduce": ("one_shot", "two_shot", "cma_two_shot"),
+    "all_reduce": ("one_shot", "two_shot", "cma_two_shot", "push_two_shot"),
     "all_gather": ("direct",),
     "reduce_scatter": ("direct",),
     "broadcast": ("direct",),
     "all_to_all": ("direct",),
     "barrier": ("direct",),
 }
+# need an in-place buffer from CommGroup.alloc(); other tensors run as staging two_shot
+REGISTERED_ONLY = ("push_two_shot",)
 NATIVE = "native"  # torch.distributed's own collective (gloo, NCCL)
 # cost-model keys: shm direct algorithms, point-to-point on shm mailboxes, on torch, and native
 TRANSPORTS = ("shm", "shm_p2p", "torch", NATIVE)
@@ -138,14 +140,17 @@ def cost_terms(
         ("all_reduce", "one_shot"): (c, n, (p - 1) * n),
         # two-shot is software-pipelined: one barrier per chunk plus one to drain
         ("all_reduce", "two_shot"): (c + 1, 2 * f * n + n / p, f * n),
-        # three barriers, (p-1) reads of peers' x slices per piece and (p-1) of reduced slices; no
-        # staging copy: each byte of a peer slice is copied once (into scratch or into out)
+        # two barriers, (p-1) reads of peers' x slices per piece and (p-1) writes of the reduced
+        # slice; no staging copy: each byte of a peer slice is copied once (into scratch or out)
         ("all_reduce", "cma_two_shot"): (
-            3,
+            2,
             (2 * f * n + CMA_CALL_BYTES * (p - 1) * (math.ceil(n / p / CMA_CHUNK_BYTES) + 1))
             * CMA_BETA_FACTOR,
             f * n,
         ),
+        # registered buffers only (other tensors run as two_shot): two barriers, reduce slice r of
+        # every buffer in place, copy it into the p-1 peers' buffers
+        ("all_reduce", "push_two_shot"): (2, f * n, f * n),
         ("all_gather", "ring"): (p - 1, f * n, 0.0),
         ("all_gather", "recursive_doubling"): (
             L2 + 2 * fold,
@@ -198,14 +203,31 @@ def choose_algorithm(
     world_size: int,
     params: LinkParams,
     candidates: Sequence[str] | None = None,
+    overrides: Mapping[str, LinkParams] | None = None,
 ) -> str:
-    """The cheapest of `candidates` (default: the point-to-point algorithms for `op`)."""
+    """The cheapest of `candidates` (default: the point-to-point algorithms for `op`); an algorithm
+    named in `overrides` is priced with its own parameters instead of `params`."""
     if op not in ALGORITHMS:
         raise ValueError(f"op ({op!r}) is not one of {sorted(ALGORITHMS)}")
     names = list(candidates) if candidates is not None else list(ALGORITHMS[op])
     if not names:
         raise ValueError(f"candidates ({candidates!r}) is empty")
-    return min(names, key=lambda a: algorithm_cost(op, a, nbytes, world_size, params))
+    own = overrides or {}
+    return min(names, key=lambda a: algorithm_cost(op, a, nbytes, world_size, own.get(a, params)))
+
+
+def algorithm_key(transport: str, op: str, algorithm: str) -> str:
+    """Key of one algorithm's own fitted parameters beside its transport's, e.g.
+    "shm/all_reduce/two_shot"."""
+    return f"{transport}/{op}/{algorithm}"
+
+
+def algorithm_params(
+    params: Mapping[str, LinkParams], transport: str, op: str, algorithm: str
+) -> LinkParams:
+    """The algorithm's own calibrated parameters if calibrate() fitted them, else the
+    transport's."""
+    return params.get(algorithm_key(transport, op, algorithm)) or params[transport]
 
 
 # --- fitting --------------------------------------------------------------------------------------
@@ -246,16 +268,50 @@ def fit_link_params(samples: Sequence[Sample], *, fit_size_slope: bool = False) 
     return LinkParams(alpha_s=x[0], beta_s_per_byte=x[1], gamma_s_per_byte=x[2], size_slope=slope)
 
 
+def fit_algorithm_params(
+    samples: Sequence[Sample], transport: LinkParams, *, fit_size_slope: bool = False
+) -> LinkParams:
+    """One algorithm's own alpha, byte-cost scale and size_slope, from its samples alone.
+
+    The samples of one algorithm cannot separate beta from gamma (both grow with n), so the
+    transport's fitted ratio of the two is kept and only their common scale k is fitted:
+    t = a_terms * alpha + k * factor(n) * (b_terms * beta + g_terms * gamma). What this adds over
+    the transport's fit is each algorithm's own barrier cost (alpha) and its own copy/add mix."""
+    if not samples:
+        raise ValueError("samples is empty")
+    if len({s.algorithm for s in samples}) != 1:
+        raise ValueError(f"samples mix algorithms ({sorted({s.algorithm for s in samples})})")
+    terms = np.array([cost_terms(s.op, s.algorithm, s.nbytes, s.world_size) for s in samples])
+    t = np.array([s.seconds for s in samples])
+    per_byte = terms[:, 1] * transport.beta_s_per_byte + terms[:, 2] * transport.gamma_s_per_byte
+    slopes = np.linspace(0.0, MAX_SIZE_SLOPE, 41) if fit_size_slope else np.zeros(1)
+    best: tuple[float, np.ndarray, float] = (math.inf, np.zeros(2), 0.0)
+    for slope in slopes:
+        probe = LinkParams(alpha_s=0, beta_s_per_byte=0, gamma_s_per_byte=0, size_slope=slope)
+        f = np.array([probe.byte_factor(s.nbytes) for s in samples])
+        x, res = _nnls_relative(np.stack([terms[:, 0], f * per_byte], axis=1), t)
+        if res < best[0]:
+            best = (res, x, float(slope))
+    _, (alpha, k), slope = best
+    return LinkParams(
+        alpha_s=alpha,
+        beta_s_per_byte=k * transport.beta_s_per_byte,
+        gamma_s_per_byte=k * transport.gamma_s_per_byte,
+        size_slope=slope,
+    )
+
+
 def _nnls_relative(coeffs: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, float]:
     w = 1.0 / t
     Aw, tw = coeffs * w[:, None], t * w
-    best, best_res = np.zeros(3), math.inf
-    for mask in range(1, 8):  # every subset of free parameters; 3 unknowns, so this is exact NNLS
-        cols = [i for i in range(3) if mask >> i & 1]
+    m = coeffs.shape[1]
+    best, best_res = np.zeros(m), math.inf
+    for mask in range(1, 1 << m):  # every subset of free parameters: exact NNLS for few unknowns
+        cols = [i for i in range(m) if mask >> i & 1]
         x, *_ = np.linalg.lstsq(Aw[:, cols], tw, rcond=None)
         if (x < 0).any():
             continue
-        full = np.zeros(3)
+        full = np.zeros(m)
         full[cols] = x
         res = float(np.sum((Aw @ full - tw) ** 2))
         if res < best_res:
@@ -263,9 +319,15 @@ def _nnls_relative(coeffs: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, float
     return best, best_res
 
 
+# version 2 adds per-algorithm entries ("shm/all_reduce/two_shot", see algorithm_key) beside the
+# per-transport ones; version 1 files (no "version") load unchanged, with transport values only
+TUNING_VERSION = 2
+
+
 def save_params(path: Path, world_size: int, params: dict[str, LinkParams]) -> None:
     """Merge the fit for `world_size` into the JSON file at `path` (one entry per world size)."""
     data = json.loads(path.read_text()) if path.exists() else {}
+    data["version"] = TUNING_VERSION
     data.setdefault("world_sizes", {})[str(world_size)] = {k: asdict(v) for k, v in params.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
@@ -275,7 +337,11 @@ def load_params(path: Path, world_size: int) -> dict[str, LinkParams] | None:
     """The fit for `world_size`, or for the nearest calibrated world size; None if none is saved."""
     if not path.exists():
         return None
-    entries = json.loads(path.read_text()).get("world_sizes", {})
+    data = json.loads(path.read_text())
+    version = data.get("version", 1)
+    if version > TUNING_VERSION:
+        raise ValueError(f"{path}: version ({version}) is newer than this code's {TUNING_VERSION}")
+    entries = data.get("world_sizes", {})
     if not entries:
         return None
     nearest = min(entries, key=lambda k: abs(int(k) - world_size))
@@ -289,13 +355,22 @@ def calibrate(
     iters: int = 5,
 ) -> dict[str, LinkParams]:
     """Collective on `group` (a CommGroup): time all_reduce and all_gather algorithms on every
-    transport over `sizes`, fit LinkParams per transport, save them to `path` (rank 0) and return
-    them."""
+    transport over `sizes`, fit LinkParams per transport and per shm direct algorithm, save them
+    to `path` (rank 0) and return them."""
     from aiinfra.comm.bench import measure_samples
 
     samples = measure_samples(group, sizes, iters)
     # only the shm transport runs at memory speed, where caches shape the per-byte cost
     params = {t: fit_link_params(s, fit_size_slope=t == "shm") for t, s in samples.items() if s}
+    if "shm" in params:
+        # The direct algorithms differ in barriers per call and in their copy/add mix more than
+        # one shared fit can follow (it priced staging two_shot 25-40% low): each gets its own.
+        by_algorithm: dict[tuple[str, str], list[Sample]] = {}
+        for s in samples["shm"]:
+            by_algorithm.setdefault((s.op, s.algorithm), []).append(s)
+        for (op, algorithm), own in by_algorithm.items():
+            fit = fit_algorithm_params(own, params["shm"], fit_size_slope=True)
+            params[algorithm_key("shm", op, algorithm)] = fit
     if path is not None and getattr(group, "rank", 0) == 0:
         save_params(Path(path), getattr(group, "world_size", 1), params)
     return params

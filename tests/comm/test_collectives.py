@@ -20,7 +20,6 @@ from aiinfra.comm import (
     broadcast,
     reduce_scatter,
 )
-from aiinfra.comm.collectives import REGISTERED_MIN_BYTES
 from aiinfra.comm.shm import PREFIX, SHM_DIR
 from aiinfra.comm.tuner import ALGORITHMS, SHM_ALGORITHMS
 from tests.distributed import run_distributed
@@ -126,14 +125,34 @@ def check_cma(rank: int, p: int, group: CommGroup) -> None:
 
 
 def check_registered(rank: int, p: int, group: CommGroup) -> None:
-    for n in (3001, REGISTERED_MIN_BYTES // 4 + 3):  # large enough for auto's in-place path
-        buf = group.alloc(n, torch.float32)
-        for impl in ("two_shot@shm", "one_shot@shm", "auto"):
-            buf.copy_(make_input(rank, n, torch.float32, n))
-            ref = reference_all_reduce(buf, "sum", p)
-            all_reduce(buf, group, impl=impl)
-            torch.testing.assert_close(buf, ref, **tolerance(torch.float32))
-            assert_same_on_all_ranks(buf, f"registered {impl}")
+    """In place on buffers from group.alloc(): two_shot's registered path and push_two_shot read
+    (and push_two_shot writes) the peers' buffers directly; auto picks push_two_shot when large."""
+    cpu = torch.device("cpu")
+    assert group.choose("all_reduce", 64 << 20, cpu, registered=True) == ("push_two_shot", "shm")
+    assert group.choose("all_reduce", 8, cpu, registered=True) == ("one_shot", "shm")
+    for nbytes in (8, 64 << 10, 64 << 20):  # an ordinary tensor would run it as staging two_shot
+        assert group.choose("all_reduce", nbytes, cpu)[0] != "push_two_shot"
+    for dtype in DTYPES:
+        buf = group.alloc(3001 + 7, dtype)
+        for n in COUNTS:
+            # a slice at a nonzero offset of the registered buffer is registered too
+            view = buf[7 : 7 + n]
+            for op in ("sum", "avg", "max", "min"):
+                for impl in ("push_two_shot@shm", "two_shot@shm", "one_shot@shm", "auto"):
+                    what = f"registered {impl} {dtype} {op} n={n}"
+                    view.copy_(make_input(rank, n, dtype, n + 5))
+                    ref = reference_all_reduce(view, op, p)
+                    all_reduce(view, group, op, impl=impl)
+                    torch.testing.assert_close(view, ref, **tolerance(dtype), msg=what)
+                    if op == "sum":
+                        assert_same_on_all_ranks(view, what)
+    big = group.alloc(1 << 18, torch.float32)  # 1 MiB: auto's in-place push path
+    assert group.choose("all_reduce", 1 << 20, cpu, registered=True)[0] == "push_two_shot"
+    big.copy_(make_input(rank, 1 << 18, torch.float32, 9))
+    ref = reference_all_reduce(big, "sum", p)
+    all_reduce(big, group)
+    torch.testing.assert_close(big, ref, **tolerance(torch.float32))
+    assert_same_on_all_ranks(big, "registered auto 1 MiB")
 
 
 def check_data_movement(rank: int, p: int, group: CommGroup) -> None:

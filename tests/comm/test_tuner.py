@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,15 @@ from aiinfra.comm.tuner import (
     CMA_CALL_BYTES,
     CMA_CHUNK_BYTES,
     DEFAULT_PARAMS,
+    REGISTERED_ONLY,
     SHM_ALGORITHMS,
+    TUNING_VERSION,
     Sample,
+    algorithm_key,
+    algorithm_params,
     calibrate,
     cost_terms,
+    fit_algorithm_params,
     fit_link_params,
     load_params,
     save_params,
@@ -73,15 +80,19 @@ def test_small_messages_pick_latency_bound_large_pick_bandwidth_bound(p: int) ->
 
 @pytest.mark.parametrize("p", [2, 4])
 def test_shm_all_reduce_choice_follows_size(p: int) -> None:
-    """One barrier for small messages; cma_two_shot (no staging copy, three barriers, but each
-    process_vm_readv call costs as much as copying CMA_CALL_BYTES) only once the bytes dominate."""
+    """One barrier for small messages; cma_two_shot (no staging copy, two barriers, but each
+    process_vm_readv/writev call costs as much as copying CMA_CALL_BYTES) only once the bytes
+    dominate; on registered buffers push_two_shot (two barriers, no copy in)."""
     shm = DEFAULT_PARAMS["shm"]
-    direct = list(SHM_ALGORITHMS["all_reduce"])
+    registered = list(SHM_ALGORITHMS["all_reduce"])
+    assert choose_algorithm("all_reduce", 8, p, shm, registered) == "one_shot"
+    assert choose_algorithm("all_reduce", 64 << 20, p, shm, registered) == "push_two_shot"
+    direct = [a for a in registered if a not in REGISTERED_ONLY]  # ordinary tensors
     assert choose_algorithm("all_reduce", 8, p, shm, direct) == "one_shot"
     assert choose_algorithm("all_reduce", 64 << 10, p, shm, direct) != "cma_two_shot"
     if p == 2:  # 1n of CMA copies against two_shot's 1.5n of memcpy
         assert choose_algorithm("all_reduce", 64 << 20, p, shm, direct) == "cma_two_shot"
-    # where barriers are expensive (a loaded machine; calibrate() fits alpha), three barriers
+    # where barriers are expensive (a loaded machine; calibrate() fits alpha), two barriers
     # beat the nine of staging two-shot's pipeline at 64 MiB
     slow_barriers = LinkParams(
         alpha_s=200e-6, beta_s_per_byte=shm.beta_s_per_byte, gamma_s_per_byte=shm.gamma_s_per_byte
@@ -89,9 +100,9 @@ def test_shm_all_reduce_choice_follows_size(p: int) -> None:
     assert choose_algorithm("all_reduce", 64 << 20, p, slow_barriers, direct) == "cma_two_shot"
     a, b, g = cost_terms("all_reduce", "cma_two_shot", 64 << 20, p)
     n, f = float(64 << 20), (p - 1) / p
-    # (p-1) peers x (pieces of at most 16 MiB: 2 at p=2, 1 at p=4; + 1 read of the reduced slice)
+    # (p-1) peers x (pieces of at most 16 MiB: 2 at p=2, 1 at p=4; + 1 write of the reduced slice)
     calls = (p - 1) * (math.ceil(n / p / CMA_CHUNK_BYTES) + 1)
-    assert a == 3
+    assert a == 2
     assert (b, g) == pytest.approx(((2 * f * n + calls * CMA_CALL_BYTES) * CMA_BETA_FACTOR, f * n))
 
 
@@ -143,6 +154,51 @@ def test_fit_recovers_the_size_dependent_efficiency() -> None:
     assert worst > 0.25
 
 
+def test_fit_per_algorithm_recovers_its_own_barriers_and_byte_cost() -> None:
+    shared = LinkParams(alpha_s=8e-6, beta_s_per_byte=1 / 8e9, gamma_s_per_byte=1 / 5e9)
+    # two_shot's own truth: dearer barriers, bytes 1.3x the shared price, its own cache slope
+    truth = LinkParams(alpha_s=30e-6, beta_s_per_byte=1.3 / 8e9, gamma_s_per_byte=1.3 / 5e9,
+                       size_slope=0.05)  # fmt: skip
+    sizes = (8, 1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 26)
+    samples = [
+        Sample(
+            "all_reduce", "two_shot", n, 2, algorithm_cost("all_reduce", "two_shot", n, 2, truth)
+        )
+        for n in sizes
+    ]
+    fit = fit_algorithm_params(samples, shared, fit_size_slope=True)
+    assert fit.alpha_s == pytest.approx(truth.alpha_s, rel=1e-6)
+    assert fit.beta_s_per_byte == pytest.approx(truth.beta_s_per_byte, rel=1e-6)
+    assert fit.gamma_s_per_byte == pytest.approx(truth.gamma_s_per_byte, rel=1e-6)
+    assert fit.size_slope == pytest.approx(truth.size_slope)
+    with pytest.raises(ValueError, match="mix algorithms"):
+        fit_algorithm_params([*samples, Sample("all_reduce", "one_shot", 8, 2, 1e-5)], shared)
+
+
+def test_per_algorithm_params_override_the_transport_and_round_trip(tmp_path: Path) -> None:
+    shm = DEFAULT_PARAMS["shm"]
+    slow = LinkParams(alpha_s=1e-3, beta_s_per_byte=shm.beta_s_per_byte * 10, gamma_s_per_byte=0)
+    key = algorithm_key("shm", "all_reduce", "two_shot")
+    params = {"shm": shm, key: slow}
+    assert algorithm_params(params, "shm", "all_reduce", "two_shot") == slow
+    assert algorithm_params(params, "shm", "all_reduce", "one_shot") == shm  # falls back
+    direct = ["one_shot", "two_shot"]
+    assert choose_algorithm("all_reduce", 64 << 20, 2, shm, direct) == "two_shot"
+    assert (
+        choose_algorithm("all_reduce", 64 << 20, 2, shm, direct, {"two_shot": slow}) == "one_shot"
+    )
+    path = tmp_path / "tuning.json"
+    save_params(path, 2, params)
+    assert json.loads(path.read_text())["version"] == TUNING_VERSION
+    assert load_params(path, 2) == params
+    # a version-1 file (transport entries only, no version field) still loads
+    path.write_text(json.dumps({"world_sizes": {"2": {"shm": asdict(shm)}}}))
+    assert load_params(path, 2) == {"shm": shm}
+    path.write_text(json.dumps({"version": TUNING_VERSION + 1, "world_sizes": {}}))
+    with pytest.raises(ValueError, match="version"):
+        load_params(path, 2)
+
+
 def check_calibration_predicts(rank: int, world_size: int, path: str) -> None:
     import torch
 
@@ -152,9 +208,11 @@ def check_calibration_predicts(rank: int, world_size: int, path: str) -> None:
     group = CommGroup(dist.group.WORLD, CommConfig(tuning_path=None), name="calib")
     sizes = tuple(8 << (2 * i) for i in range(9))  # 8 B .. 512 KiB
     fitted = calibrate(group, Path(path), sizes=sizes, iters=10)
-    assert set(fitted) == {"shm", "shm_p2p", "torch", "native"}
+    transports = {"shm", "shm_p2p", "torch", "native"}
+    own = {algorithm_key("shm", "all_reduce", a) for a in SHM_ALGORITHMS["all_reduce"]}
+    assert set(fitted) == transports | own | {algorithm_key("shm", "all_gather", "direct")}
     tuned = CommGroup(dist.group.WORLD, CommConfig(tuning_path=Path(path)), name="tuned")
-    assert tuned.params["shm"] == fitted["shm"]
+    assert all(tuned.params[k] == v for k, v in fitted.items())
     # held-out sizes (not in the sweep): the model must predict the measured times
     errors = []
     # what auto picks between on one host: one-shot for small sizes, two-shot for large ones, and
@@ -166,7 +224,7 @@ def check_calibration_predicts(rank: int, world_size: int, path: str) -> None:
         x = torch.ones(nbytes // 4)
         fn = lambda x=x, impl=impl: all_reduce(x, group, impl=impl)  # noqa: E731
         (measured,) = time_interleaved([fn], 2, 10, repeats=3)
-        predicted = algorithm_cost("all_reduce", algo, nbytes, world_size, fitted[key])
+        predicted = tuned.cost("all_reduce", algo, key, nbytes)  # the algorithm's own fit
         errors.append(abs(math.log(predicted / measured)))
     errors.sort()
     # factor 4: successive timing blocks of one impl already differ by up to 2x when other jobs
