@@ -70,6 +70,50 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+# engine flags (owner: infer), shared by generate, serve and bench serve; vLLM's names
+DeviceOption = Annotated[
+    str, typer.Option(help="Engine device: auto (cuda when available), cpu, cuda or cuda:N.")
+]
+DtypeOption = Annotated[
+    str, typer.Option(help="Engine dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, ...")
+]
+GpuMemoryOption = Annotated[
+    float,
+    typer.Option(help="CUDA: fraction of GPU memory for weights, activations and the KV cache."),
+]
+EnforceEagerOption = Annotated[
+    bool, typer.Option("--enforce-eager", help="CUDA: no CUDA graphs for decode steps.")
+]
+
+
+def _engine_fields(
+    model: str,
+    *,
+    device: str,
+    dtype: str,
+    gpu_memory_utilization: float,
+    enforce_eager: bool,
+    kv_cache_memory: str | None,
+    cpu_kv_cache_memory: str,
+) -> dict[str, object]:
+    """EngineConfig fields from the engine flags: no --kv-cache-memory means cpu_kv_cache_memory
+    on CPU and the --gpu-memory-utilization budget on CUDA. Bad values raise ValueError."""
+    from aiinfra.infer import EngineConfig
+
+    fields: dict[str, object] = {
+        "device": device,
+        "dtype": dtype,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "enforce_eager": enforce_eager,
+        "kv_cache_memory": kv_cache_memory,
+    }
+    if kv_cache_memory is None:
+        config = EngineConfig(model=model, **fields)  # type: ignore[arg-type]
+        if config.torch_device.type == "cpu":
+            fields["kv_cache_memory"] = cpu_kv_cache_memory
+    return fields
+
+
 @app.command()
 def generate(
     model: Annotated[str, typer.Argument(help="Model folder (HF format).")],
@@ -77,7 +121,13 @@ def generate(
     prompt_ids: Annotated[str | None, typer.Option(help="Prompt token ids, e.g. 1,2,3.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
     ignore_eos: Annotated[bool, typer.Option(help="Keep generating past EOS.")] = False,
-    kv_cache_memory: Annotated[str, typer.Option(help="KV cache budget, e.g. 256MiB.")] = "256MiB",
+    kv_cache_memory: Annotated[
+        str | None, typer.Option(help="KV cache budget, e.g. 256MiB (CPU default 256MiB).")
+    ] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    gpu_memory_utilization: GpuMemoryOption = 0.9,
+    enforce_eager: EnforceEagerOption = False,
 ) -> None:
     """Offline greedy generation on the engine (paged KV cache)."""
     from aiinfra.infer import LLM, SamplingParams
@@ -87,7 +137,16 @@ def generate(
     if max_tokens <= 0:
         _fail(f"--max-tokens ({max_tokens}) must be positive")
     try:
-        llm = LLM(model, kv_cache_memory=kv_cache_memory)
+        fields = _engine_fields(
+            model,
+            device=device,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            kv_cache_memory=kv_cache_memory,
+            cpu_kv_cache_memory="256MiB",
+        )
+        llm = LLM(model, **fields)
         ids = (
             _parse_ids(prompt_ids) if prompt_ids is not None else llm.tokenizer.encode(prompt or "")
         )
@@ -166,11 +225,18 @@ def bench_serve(
     seed: Annotated[int, typer.Option(help="Generated workload: seed.")] = 0,
     baseline: Annotated[str | None, typer.Option(help="'hf': also run HF static batching.")] = None,
     hf_batch_size: Annotated[int, typer.Option(help="Batch size of the HF baseline.")] = 16,
-    kv_cache_memory: Annotated[str, typer.Option(help="Engine KV cache budget.")] = "4GiB",
+    kv_cache_memory: Annotated[
+        str | None,
+        typer.Option(help="Engine KV cache budget (default 4GiB on CPU; CUDA: from GPU memory)."),
+    ] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Engine: most sequences per batch.")] = 256,
     max_num_batched_tokens: Annotated[
         int, typer.Option(help="Engine: token budget per step.")
     ] = 4096,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    gpu_memory_utilization: GpuMemoryOption = 0.9,
+    enforce_eager: EnforceEagerOption = False,
     request_rate: Annotated[
         float, typer.Option(help="Online: Poisson rate (req/s); inf = all at once.")
     ] = float("inf"),
@@ -215,6 +281,10 @@ def bench_serve(
                 kv_cache_memory=kv_cache_memory,
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
+                device=device,
+                dtype=dtype,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager,
             )
         else:
             from aiinfra.serve.bench import run_online_bench

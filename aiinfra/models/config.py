@@ -248,6 +248,18 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=256,
         eos_token_id=257,
     ),
+    # the GPU benchmark model: TinyLlama-1.1B's shape (1.10B parameters), random weights
+    "bench-1b": ModelConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_layers=22,
+        num_heads=32,
+        num_kv_heads=8,
+        max_position_embeddings=2048,
+        bos_token_id=256,
+        eos_token_id=257,
+    ),
     # configuration-only presets of real models, for the planner
     "llama-3-8b": ModelConfig(
         vocab_size=128256,

@@ -67,3 +67,18 @@ def test_bench_serve_offline_json(tiny_dir, tmp_path):
     r = json.loads(out.read_text())
     assert r["output_tokens"] == r["baseline"]["output_tokens"]
     assert r["output_tok_per_s"] > 0 and r["ratio"] > 0
+    assert r["device"] == "cpu" and r["dtype"] == "float32" and r["cuda_graphs"] is False
+
+
+def test_generate_engine_flags(tiny_dir):
+    args = ["generate", tiny_dir, "--prompt-ids", "5,6,7", "--max-tokens", "3"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    for flags, message in (
+        (["--device", "tpu"], "device ('tpu')"),
+        (["--dtype", "int8"], "dtype ('int8')"),
+        (["--gpu-memory-utilization", "0"], "gpu_memory_utilization (0.0) must be in (0, 1]"),
+        (["--gpu-memory-utilization", "1.5", "--enforce-eager"], "gpu_memory_utilization (1.5)"),
+    ):
+        result = CliRunner().invoke(app, [*args, *flags])
+        assert result.exit_code == 2 and message in result.output, (flags, result.output)
