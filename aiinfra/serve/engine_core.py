@@ -403,8 +403,9 @@ def _wait_ready(outputs: Connection, proc: Any, timeout_s: float) -> CoreReady:
         msg = outputs.recv()
     except EOFError:
         proc.join(5.0)
+        hint = " (killed: out of memory?)" if proc.exitcode == -9 else " (its log says why)"
         raise EngineStartupError(
-            f"engine core exited with code {proc.exitcode} while starting (out of memory?)"
+            f"engine core exited with code {proc.exitcode} while starting{hint}"
         ) from None
     if isinstance(msg, CoreStartupError):
         cls = _STARTUP_ERRORS.get(msg.kind, EngineStartupError)

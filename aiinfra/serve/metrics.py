@@ -61,11 +61,17 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """The registry of one app and the per-request latency histograms recorded by its handlers."""
 
-    def __init__(self, get_stats: Callable[[], EngineStats]) -> None:
+    def __init__(
+        self, get_stats: Callable[[], EngineStats], *, engine_core_pid: int | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(get_stats))
         # process_cpu_seconds_total etc.: on a shared machine, CPU time is the steadier yardstick
         ProcessCollector(registry=self.registry)
+        if engine_core_pid is not None:  # engine_core_process_cpu_seconds_total etc.
+            ProcessCollector(
+                namespace="engine_core", pid=lambda: engine_core_pid, registry=self.registry
+            )
         self.ttft = Histogram(
             "aiinfra_time_to_first_token_seconds",
             "Arrival of the HTTP request to its first generated token.",

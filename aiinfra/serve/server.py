@@ -70,7 +70,7 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, config: ServerConfig) -> FastA
         async_engine = engine
     else:
         async_engine = AsyncLLMEngine.from_engine(engine, max_waiting=config.max_waiting)
-    metrics = ServerMetrics(lambda: async_engine.stats)
+    metrics = ServerMetrics(lambda: async_engine.stats, engine_core_pid=async_engine.core.pid)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -385,10 +385,14 @@ def run_server(
     api_key: str | None = None,
     served_model_name: str | None = None,
     max_waiting: int = 1024,
-    kv_cache_memory: int | str = "2GiB",
+    kv_cache_memory: int | str | None = "2GiB",
     max_num_seqs: int = 256,
     tp: int = 1,
     engine_process: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
+    gpu_memory_utilization: float = 0.9,
+    enforce_eager: bool = False,
 ) -> None:
     """`aiinfra serve`: build the engine on `model` (a local HF-format folder) and serve it.
 
@@ -408,7 +412,13 @@ def run_server(
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt)
     engine_config = EngineConfig(
-        model=model, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs
+        model=model,
+        kv_cache_memory=kv_cache_memory,
+        max_num_seqs=max_num_seqs,
+        device=device,
+        dtype=dtype,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
     )
     engine: LLMEngine | AsyncLLMEngine
     if engine_process:
