@@ -172,18 +172,33 @@ def serve(
     ] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Name in /v1/models.")] = None,
     max_waiting: Annotated[int, typer.Option(help="Waiting requests before 429.")] = 1024,
-    kv_cache_memory: Annotated[str, typer.Option(help="KV cache budget, e.g. 2GiB.")] = "2GiB",
+    kv_cache_memory: Annotated[
+        str | None, typer.Option(help="KV cache budget, e.g. 2GiB (CPU default 2GiB).")
+    ] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Most sequences in one batch.")] = 256,
     tp: Annotated[int, typer.Option(help="Tensor-parallel degree.")] = 1,
     engine_process: Annotated[
         bool, typer.Option(help="Step the engine in its own process (else a thread).")
     ] = True,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    gpu_memory_utilization: GpuMemoryOption = 0.9,
+    enforce_eager: EnforceEagerOption = False,
 ) -> None:
     """Serve a model with an OpenAI-compatible HTTP API."""
     from aiinfra.serve.engine_core import EngineStartupError
     from aiinfra.serve.server import run_server
 
     try:
+        fields = _engine_fields(
+            model,
+            device=device,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            kv_cache_memory=kv_cache_memory,
+            cpu_kv_cache_memory="2GiB",
+        )
         run_server(
             model,
             host=host,
@@ -191,10 +206,10 @@ def serve(
             api_key=api_key,
             served_model_name=served_model_name,
             max_waiting=max_waiting,
-            kv_cache_memory=kv_cache_memory,
             max_num_seqs=max_num_seqs,
             tp=tp,
             engine_process=engine_process,
+            **fields,  # type: ignore[arg-type]
         )
     except (ValueError, FileNotFoundError, EngineStartupError) as e:
         _fail(str(e))

@@ -158,6 +158,8 @@ def report(summary: dict[str, Any]) -> None:
             if b1["forward_bandwidth_utilization"] is not None:
                 line += f", forward alone {b1['forward_bandwidth_utilization']:.1%}"
             print(line)
+        if b1["cuda_kernels_per_step"]:
+            print(f"  {b1['cuda_kernels_per_step']} CUDA kernels per decode forward")
     tp = summary.get("throughput")
     if tp:
         print(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import os
 import platform
 import random
@@ -20,6 +21,8 @@ import torch
 from aiinfra.infer.engine import EngineConfig, LLMEngine
 from aiinfra.infer.sampling_params import SamplingParams
 from aiinfra.models import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 def make_workload(
@@ -231,6 +234,7 @@ def measure_batch1_decode(
         engine.step()
     step_s = (time.perf_counter() - t0) / num_steps
     forward_s = _time_graph_replay(engine)
+    kernels = _count_decode_kernels(engine) if dev.type == "cuda" else None
     engine.abort_request("batch1")
     # decode step k (after the prefill) computes position prompt_len + k - 1 and so reads
     # prompt_len + k tokens of K/V; the timed steps are k = warmup_steps + 1 ... + num_steps
@@ -242,6 +246,7 @@ def measure_batch1_decode(
         "step_ms": step_s * 1e3,
         "forward_ms": forward_s * 1e3 if forward_s is not None else None,
         "cuda_graphs": engine.model_runner.graph_runner is not None,
+        "cuda_kernels_per_step": kernels,
         "mean_context_len": context,
         "bytes_per_step": nbytes,
         "achieved_gb_per_s": nbytes / step_s / 1e9,
@@ -270,6 +275,25 @@ def _time_graph_replay(engine: LLMEngine, repeats: int = 200) -> float | None:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / repeats
+
+
+def _count_decode_kernels(engine: LLMEngine) -> int | None:
+    """CUDA kernels one batch-1 decode forward launches (what a CUDA graph replays), counted by
+    the profiler on an eager forward of the static buffers; None without graphs or a profiler.
+    Each costs a few microseconds even when tiny: the figure says how far fusion could go."""
+    graphs = engine.model_runner.graph_runner
+    if graphs is None:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graphs.forward(1)  # the last step's inputs again: rewrites its K/V slot identically
+            torch.cuda.synchronize(engine.device)
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # a diagnostic only: no profiler (CUPTI) must not fail the benchmark
+        logger.warning("could not count the decode step's CUDA kernels", exc_info=True)
+        return None
 
 
 BENCH_CPU_KV_CACHE_MEMORY = "4GiB"

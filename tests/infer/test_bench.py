@@ -107,4 +107,5 @@ def test_batch1_decode_context_and_rate(tiny_dir, monkeypatch):
     assert r["bytes_per_step"] == expected
     assert r["achieved_gb_per_s"] == pytest.approx(expected / r["step_ms"] * 1e3 / 1e9)
     assert r["bandwidth_utilization"] is None and r["forward_ms"] is None  # CPU
+    assert r["cuda_kernels_per_step"] is None
     assert not engine.has_unfinished_requests()

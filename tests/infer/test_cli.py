@@ -3,6 +3,7 @@ writes its JSON."""
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from aiinfra.cli import app
@@ -81,4 +82,14 @@ def test_generate_engine_flags(tiny_dir):
         (["--gpu-memory-utilization", "1.5", "--enforce-eager"], "gpu_memory_utilization (1.5)"),
     ):
         result = CliRunner().invoke(app, [*args, *flags])
+        assert result.exit_code == 2 and message in result.output, (flags, result.output)
+
+
+def test_serve_rejects_bad_engine_flags(tiny_dir):
+    pytest.importorskip("fastapi")  # the command imports the server first
+    for flags, message in (
+        (["--device", "tpu"], "device ('tpu')"),
+        (["--gpu-memory-utilization", "2"], "gpu_memory_utilization (2.0) must be in (0, 1]"),
+    ):
+        result = CliRunner().invoke(app, ["serve", tiny_dir, "--port", "0", *flags])
         assert result.exit_code == 2 and message in result.output, (flags, result.output)

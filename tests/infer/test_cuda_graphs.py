@@ -7,11 +7,17 @@ chunks happen; the gpu-marked tests capture real graphs and compare with eager C
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run interpreted on CPU tensors; read when triton first decorates a kernel,
+    # so before anything imports it (as in test_attention_triton.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from aiinfra.infer import LLM, EngineConfig, LLMEngine, SamplingParams
 from aiinfra.infer.cuda_graphs import DecodeGraphRunner, capture_sizes, padded_size
@@ -257,3 +263,23 @@ def test_kv_cache_sized_from_gpu_memory_utilization(tiny_dir):
     assert engine.block_manager.num_blocks > 1000
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLMEngine(EngineConfig(model=tiny_dir, device="cuda", gpu_memory_utilization=1e-4))
+
+
+def test_graph_eager_with_triton_kernels(tiny_dir, reference, monkeypatch):
+    """The Triton kernels (interpreted on CPU) on the static buffers: block tables as rows of a
+    flat buffer, padded rows in the scratch block, one query per row: what the graphs replay."""
+    pytest.importorskip("triton")
+    from aiinfra.infer import attention
+    from aiinfra.infer.triton_attention import paged_attention_triton, write_kv_triton
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton_attention was imported without TRITON_INTERPRET=1")
+    prompts = _prompts(7, 3, 2, 9)
+    llm = LLM(tiny_dir, block_size=4, kv_cache_memory="1MiB", max_num_seqs=4)
+    log = _graph_eager(llm, max_num_seqs=4)
+    monkeypatch.setattr(attention, "write_kv", write_kv_triton)
+    monkeypatch.setattr(attention, "paged_attention", paged_attention_triton)
+    outs = llm.generate(prompts, _greedy(5), use_tqdm=False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.outputs[0].token_ids == generate_greedy(reference, prompt, 5)
+    assert any(n < size for n, size, _ in log)  # 3 sequences padded to 4
