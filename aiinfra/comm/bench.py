@@ -346,7 +346,10 @@ def measure_samples(group: object, sizes: Sequence[int], iters: int) -> dict[str
             buffer = registered if algorithm in REGISTERED_ONLY else None
             for nbytes in sizes:
                 fn, _ = _make_op(group, op, impl, nbytes, torch.float32, buffer)
-                n = max(2, min(iters, (64 << 20) // nbytes))
-                (seconds,) = time_interleaved([fn], 1, n, repeats=3)  # median of 3 blocks
+                # blocks as the benchmark times them: each block starts from a gloo barrier that
+                # leaves the ranks ~100 us apart, which a block of 5 small calls shared (+20 us
+                # a call: the fit then priced 1 KiB at twice the benchmark's time)
+                n = max(2, min(iters, (128 << 20) // nbytes))
+                (seconds,) = time_interleaved([fn], 3, n, repeats=5)  # median of 5 blocks
                 samples[key].append(Sample(op, algorithm, nbytes, group.world_size, seconds))
     return samples

@@ -10,10 +10,12 @@ output, reduce_scatter the input, all_to_all one rank's buffer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +59,9 @@ CMA_CALL_BYTES = 512 << 10
 # peer before copying it). CPU per rank at 64 MiB measured 0.89x two_shot's at world 2 and 0.94x at
 # world 4; with the default gamma/beta that is a factor 1.25 and 1.05 on the copied bytes
 CMA_BETA_FACTOR = 1.15
-# 8 B .. 32 MiB every factor of 4, and 64 MiB (the size DP buckets and the benchmark use)
-CALIBRATION_SIZES = (*(8 << (2 * k) for k in range(12)), 64 << 20)
+# 8 B .. 64 MiB every factor of 2: the per-byte cost of the shm algorithms does not fall smoothly
+# with size (the buffers leave the 2 MiB L2s between 2 and 8 MiB), so the fit needs every octave
+CALIBRATION_SIZES = tuple(8 << k for k in range(24))
 DEFAULT_TUNING_PATH = Path.home() / ".cache" / "aiinfra" / "comm_tuning.json"
 
 
@@ -69,9 +72,10 @@ class LinkParams:
     alpha_s: float  # per-message latency, seconds
     beta_s_per_byte: float  # transfer time per byte
     gamma_s_per_byte: float  # reduction compute time per byte
-    # size-dependent efficiency: beta and gamma hold at SIZE_REF_BYTES and above (memory); below it
+    # size-dependent efficiency: beta and gamma hold at size_ref_bytes and above (memory); below it
     # each halving of the message makes a byte cheaper by this fraction (caches), see byte_factor()
     size_slope: float = 0.0
+    size_ref_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         for field in ("alpha_s", "beta_s_per_byte", "gamma_s_per_byte"):
@@ -80,21 +84,27 @@ class LinkParams:
                 raise ValueError(f"{field} ({value}) must be finite and >= 0")
         if not 0 <= self.size_slope <= MAX_SIZE_SLOPE:
             raise ValueError(f"size_slope ({self.size_slope}) must be in [0, {MAX_SIZE_SLOPE}]")
+        if self.size_ref_bytes < 1:
+            raise ValueError(f"size_ref_bytes ({self.size_ref_bytes}) must be >= 1")
 
     def byte_factor(self, nbytes: int) -> float:
         """Cost of a byte at this message size relative to a byte of a large message.
 
         A message that fits in cache streams faster than one that goes to memory; measured here the
-        per-byte cost of shm all_reduce fell about log-linearly from 64 MiB down to 256 KiB, so the
-        factor is 1 - size_slope * log2(SIZE_REF_BYTES / nbytes), floored at MIN_BYTE_FACTOR.
+        per-byte cost of shm all_reduce is flat from 64 MiB down to a few MiB (the knee,
+        size_ref_bytes, where the buffers start to fit in the 2 MiB L2s and the shared L3) and
+        falls about log-linearly below it, so the factor is
+        1 - size_slope * log2(size_ref_bytes / nbytes), floored at MIN_BYTE_FACTOR.
         """
-        if self.size_slope == 0 or nbytes >= SIZE_REF_BYTES:
+        if self.size_slope == 0 or nbytes >= self.size_ref_bytes:
             return 1.0
-        halvings = math.log2(SIZE_REF_BYTES / max(nbytes, 1))
+        halvings = math.log2(self.size_ref_bytes / max(nbytes, 1))
         return max(MIN_BYTE_FACTOR, 1.0 - self.size_slope * halvings)
 
 
 SIZE_REF_BYTES = 64 << 20
+# the fits try the knee of byte_factor at 64 MiB, 32 MiB, ..., 1 MiB
+SIZE_REF_GRID = tuple(SIZE_REF_BYTES >> k for k in range(7))
 MAX_SIZE_SLOPE = 0.2
 MIN_BYTE_FACTOR = 0.25
 
@@ -248,24 +258,34 @@ class Sample:
 def fit_link_params(samples: Sequence[Sample], *, fit_size_slope: bool = False) -> LinkParams:
     """Non-negative least squares on relative error (times span five decades: weight 1/time).
 
-    With fit_size_slope, also picks the size-dependent efficiency (LinkParams.size_slope) on a grid,
-    keeping the one whose alpha-beta-gamma fit leaves the smallest residual.
+    With fit_size_slope, also picks the size-dependent efficiency (LinkParams.size_slope and its
+    knee size_ref_bytes) on a grid, keeping the one whose alpha-beta-gamma fit leaves the smallest
+    residual.
     """
     if not samples:
         raise ValueError("samples is empty")
     terms = np.array([cost_terms(s.op, s.algorithm, s.nbytes, s.world_size) for s in samples])
     t = np.array([s.seconds for s in samples])
-    slopes = np.linspace(0.0, MAX_SIZE_SLOPE, 41) if fit_size_slope else np.zeros(1)
-    best: tuple[float, np.ndarray, float] = (math.inf, np.zeros(3), 0.0)
-    for slope in slopes:
-        probe = LinkParams(alpha_s=0, beta_s_per_byte=0, gamma_s_per_byte=0, size_slope=slope)
+    best: tuple[float, np.ndarray, LinkParams] = (math.inf, np.zeros(3), _ZERO)
+    for probe in _size_probes(fit_size_slope):
         f = np.array([probe.byte_factor(s.nbytes) for s in samples])
         A = terms * np.stack([np.ones_like(f), f, f], axis=1)
         x, res = _nnls_relative(A, t)
         if res < best[0]:
-            best = (res, x, float(slope))
-    _, x, slope = best
-    return LinkParams(alpha_s=x[0], beta_s_per_byte=x[1], gamma_s_per_byte=x[2], size_slope=slope)
+            best = (res, x, probe)
+    _, x, probe = best
+    return dataclasses.replace(probe, alpha_s=x[0], beta_s_per_byte=x[1], gamma_s_per_byte=x[2])
+
+
+_ZERO = LinkParams(alpha_s=0.0, beta_s_per_byte=0.0, gamma_s_per_byte=0.0)
+
+
+def _size_probes(fit_size_slope: bool) -> list[LinkParams]:
+    """The (size_slope, size_ref_bytes) grid the fits search, as zero-cost LinkParams."""
+    if not fit_size_slope:
+        return [_ZERO]
+    return [dataclasses.replace(_ZERO, size_slope=float(slope), size_ref_bytes=ref)
+            for ref in SIZE_REF_GRID for slope in np.linspace(0.0, MAX_SIZE_SLOPE, 41)]  # fmt: skip
 
 
 def fit_algorithm_params(
@@ -284,20 +304,18 @@ def fit_algorithm_params(
     terms = np.array([cost_terms(s.op, s.algorithm, s.nbytes, s.world_size) for s in samples])
     t = np.array([s.seconds for s in samples])
     per_byte = terms[:, 1] * transport.beta_s_per_byte + terms[:, 2] * transport.gamma_s_per_byte
-    slopes = np.linspace(0.0, MAX_SIZE_SLOPE, 41) if fit_size_slope else np.zeros(1)
-    best: tuple[float, np.ndarray, float] = (math.inf, np.zeros(2), 0.0)
-    for slope in slopes:
-        probe = LinkParams(alpha_s=0, beta_s_per_byte=0, gamma_s_per_byte=0, size_slope=slope)
+    best: tuple[float, np.ndarray, LinkParams] = (math.inf, np.zeros(2), _ZERO)
+    for probe in _size_probes(fit_size_slope):
         f = np.array([probe.byte_factor(s.nbytes) for s in samples])
         x, res = _nnls_relative(np.stack([terms[:, 0], f * per_byte], axis=1), t)
         if res < best[0]:
-            best = (res, x, float(slope))
-    _, (alpha, k), slope = best
-    return LinkParams(
+            best = (res, x, probe)
+    _, (alpha, k), probe = best
+    return dataclasses.replace(
+        probe,
         alpha_s=alpha,
         beta_s_per_byte=k * transport.beta_s_per_byte,
         gamma_s_per_byte=k * transport.gamma_s_per_byte,
-        size_slope=slope,
     )
 
 
@@ -348,11 +366,32 @@ def load_params(path: Path, world_size: int) -> dict[str, LinkParams] | None:
     return {k: LinkParams(**v) for k, v in entries[nearest].items()}
 
 
+# a sample the first fit misses by more than this factor was hit by a scheduling delay (timed on
+# a shared machine: a rank descheduled for ~100 us during 5 blocks of a 15 us call), not by the
+# cost the model describes
+OUTLIER_FACTOR = 1.5
+
+
+def _refit_without_outliers(
+    fit: Callable[[Sequence[Sample]], LinkParams], samples: Sequence[Sample]
+) -> LinkParams:
+    """fit(samples), then once more without the samples it misses by more than OUTLIER_FACTOR
+    (kept if that would leave fewer than 4)."""
+    first = fit(samples)
+
+    def misses(s: Sample) -> float:
+        predicted = algorithm_cost(s.op, s.algorithm, s.nbytes, s.world_size, first)
+        return abs(math.log(predicted / s.seconds))
+
+    kept = [s for s in samples if misses(s) <= math.log(OUTLIER_FACTOR)]
+    return fit(kept) if len(kept) >= 4 and len(kept) < len(samples) else first
+
+
 def calibrate(
     group: object,
     path: Path | None = DEFAULT_TUNING_PATH,
     sizes: Sequence[int] = CALIBRATION_SIZES,
-    iters: int = 5,
+    iters: int = 20,
 ) -> dict[str, LinkParams]:
     """Collective on `group` (a CommGroup): time all_reduce and all_gather algorithms on every
     transport over `sizes`, fit LinkParams per transport and per shm direct algorithm, save them
@@ -361,15 +400,23 @@ def calibrate(
 
     samples = measure_samples(group, sizes, iters)
     # only the shm transport runs at memory speed, where caches shape the per-byte cost
-    params = {t: fit_link_params(s, fit_size_slope=t == "shm") for t, s in samples.items() if s}
+    params = {}
+    for transport, own in samples.items():
+        if own:
+            slope = transport == "shm"
+            fit = _refit_without_outliers(partial(fit_link_params, fit_size_slope=slope), own)
+            params[transport] = fit
     if "shm" in params:
         # The direct algorithms differ in barriers per call and in their copy/add mix more than
         # one shared fit can follow (it priced staging two_shot 25-40% low): each gets its own.
         by_algorithm: dict[tuple[str, str], list[Sample]] = {}
         for s in samples["shm"]:
             by_algorithm.setdefault((s.op, s.algorithm), []).append(s)
+        shm = params["shm"]
         for (op, algorithm), own in by_algorithm.items():
-            fit = fit_algorithm_params(own, params["shm"], fit_size_slope=True)
+            fit = _refit_without_outliers(
+                partial(fit_algorithm_params, transport=shm, fit_size_slope=True), own
+            )
             params[algorithm_key("shm", op, algorithm)] = fit
     if path is not None and getattr(group, "rank", 0) == 0:
         save_params(Path(path), getattr(group, "world_size", 1), params)

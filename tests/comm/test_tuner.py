@@ -21,6 +21,7 @@ from aiinfra.comm.tuner import (
     SHM_ALGORITHMS,
     TUNING_VERSION,
     Sample,
+    _refit_without_outliers,
     algorithm_key,
     algorithm_params,
     calibrate,
@@ -157,8 +158,9 @@ def test_fit_recovers_the_size_dependent_efficiency() -> None:
 def test_fit_per_algorithm_recovers_its_own_barriers_and_byte_cost() -> None:
     shared = LinkParams(alpha_s=8e-6, beta_s_per_byte=1 / 8e9, gamma_s_per_byte=1 / 5e9)
     # two_shot's own truth: dearer barriers, bytes 1.3x the shared price, its own cache slope
+    # below a knee at 4 MiB (on the fit's grid)
     truth = LinkParams(alpha_s=30e-6, beta_s_per_byte=1.3 / 8e9, gamma_s_per_byte=1.3 / 5e9,
-                       size_slope=0.05)  # fmt: skip
+                       size_slope=0.05, size_ref_bytes=4 << 20)  # fmt: skip
     sizes = (8, 1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 26)
     samples = [
         Sample(
@@ -171,8 +173,26 @@ def test_fit_per_algorithm_recovers_its_own_barriers_and_byte_cost() -> None:
     assert fit.beta_s_per_byte == pytest.approx(truth.beta_s_per_byte, rel=1e-6)
     assert fit.gamma_s_per_byte == pytest.approx(truth.gamma_s_per_byte, rel=1e-6)
     assert fit.size_slope == pytest.approx(truth.size_slope)
+    assert fit.size_ref_bytes == truth.size_ref_bytes
     with pytest.raises(ValueError, match="mix algorithms"):
         fit_algorithm_params([*samples, Sample("all_reduce", "one_shot", 8, 2, 1e-5)], shared)
+
+
+def test_calibration_fit_drops_a_sample_hit_by_a_scheduling_delay() -> None:
+    truth = LinkParams(alpha_s=15e-6, beta_s_per_byte=1 / 8e9, gamma_s_per_byte=1 / 5e9)
+    sizes = (8, 32, 128, 512, 2048, 8192, 1 << 15, 1 << 17, 1 << 19, 1 << 21, 1 << 23)
+    samples = [
+        Sample(
+            "all_reduce", "one_shot", n, 2, algorithm_cost("all_reduce", "one_shot", n, 2, truth)
+        )
+        for n in sizes
+    ]
+    samples[0].seconds += 100e-6  # a rank descheduled during the 8-byte blocks
+    fit = _refit_without_outliers(fit_link_params, samples)
+    assert fit.alpha_s == pytest.approx(truth.alpha_s, rel=1e-6)
+    assert fit.beta_s_per_byte + fit.gamma_s_per_byte == pytest.approx(
+        truth.beta_s_per_byte + truth.gamma_s_per_byte, rel=1e-6
+    )  # one algorithm's samples fix only the sum (one_shot at p=2 copies and adds n bytes each)
 
 
 def test_per_algorithm_params_override_the_transport_and_round_trip(tmp_path: Path) -> None:
