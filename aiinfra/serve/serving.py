@@ -240,6 +240,9 @@ class OpenAIServing:
         request_id = _id("cmpl")
         hold_back = max((len(s) for s in _stops(req.stop)), default=1) - 1
         state = [[_Choice(i * req.n + j) for j in range(req.n)] for i in range(len(streams))]
+        frame = _ChunkFrame(
+            protocol.completion_body(request_id, self.model_name, [], None, chunk=True)
+        )
         last: dict[int, RequestOutput] = {}
         async for i, out in self.merged(streams, t0):
             last[i] = out
@@ -256,10 +259,7 @@ class OpenAIServing:
                 }
                 if req.return_token_ids:
                     choice["token_ids"] = d.token_ids
-                body = protocol.completion_body(
-                    request_id, self.model_name, [choice], None, chunk=True
-                )
-                yield _sse(body)
+                yield frame.sse(choice)
         if req.include_usage:
             yield _sse(
                 protocol.completion_body(
@@ -309,6 +309,7 @@ class OpenAIServing:
         request_id = _id("chatcmpl")
         hold_back = max((len(s) for s in _stops(req.stop)), default=1) - 1
         state = [_Choice(j) for j in range(req.n)]
+        frame = _ChunkFrame(protocol.chat_body(request_id, self.model_name, [], None, chunk=True))
         for j in range(req.n):
             role = {"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
             role["finish_reason"] = None
@@ -329,9 +330,7 @@ class OpenAIServing:
                 }
                 if req.return_token_ids:
                     choice["token_ids"] = d.token_ids
-                yield _sse(
-                    protocol.chat_body(request_id, self.model_name, [choice], None, chunk=True)
-                )
+                yield frame.sse(choice)
         if req.include_usage and last is not None:
             yield _sse(
                 protocol.chat_body(request_id, self.model_name, [], _usage_of([last]), chunk=True)
@@ -406,7 +405,24 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 
 
 def _sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+    return f"data: {json.dumps(body, separators=_COMPACT)}\n\n"
+
+
+_COMPACT = (",", ":")
+
+
+class _ChunkFrame:
+    """The SSE event of a one-choice chunk, its fields other than the choice encoded once per
+    request: at saturation the server writes an event per request per engine step."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        assert body["choices"] == []
+        text = json.dumps(body, separators=_COMPACT)
+        at = text.index('"choices":[]') + len('"choices":[')
+        self._head, self._tail = "data: " + text[:at], text[at:] + "\n\n"
+
+    def sse(self, choice: dict[str, Any]) -> str:
+        return self._head + json.dumps(choice, separators=_COMPACT) + self._tail
 
 
 def _id(prefix: str) -> str:
