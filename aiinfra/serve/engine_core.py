@@ -347,13 +347,21 @@ class CoreHandle:
     outputs: Connection  # recv StepReport
     ready: CoreReady
     pid: int | None  # None: a thread of this process
-    _join: Callable[[float], bool]
+    _wait: Callable[[float], bool]  # join for up to so many seconds; True once it exited
+    _kill: Callable[[], None]
 
     def close(self, timeout_s: float = 10.0) -> None:
         with contextlib.suppress(OSError):
             self.commands.send(None)
-        if not self._join(timeout_s):
-            logger.warning("engine core did not exit within %.0f s", timeout_s)
+        deadline = time.monotonic() + timeout_s
+        # drain: a core blocked writing a report to a full pipe would never read the None
+        with contextlib.suppress(EOFError, OSError):
+            while not self._wait(0.0) and time.monotonic() < deadline:
+                if self.outputs.poll(0.05):
+                    self.outputs.recv()
+        if not self._wait(0.0):
+            logger.warning("engine core did not exit within %.0f s: killed", timeout_s)
+            self._kill()
         self.commands.close()
         self.outputs.close()
 
@@ -376,22 +384,23 @@ def start_core_process(
     cmd_recv.close()  # the core holds these now: EOF then means the core is gone
     out_send.close()
 
-    def join(timeout_s: float) -> bool:
+    def wait(timeout_s: float) -> bool:
         proc.join(timeout_s)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5.0)
-            return False
-        return True
+        return not proc.is_alive()
+
+    def kill() -> None:
+        proc.kill()
+        proc.join(5.0)
 
     try:
         ready = _wait_ready(out_recv, proc, startup_timeout_s)
     except BaseException:
-        join(5.0)
+        if not wait(5.0):
+            kill()
         cmd_send.close()
         out_recv.close()
         raise
-    return CoreHandle(cmd_send, out_recv, ready, proc.pid, join)
+    return CoreHandle(cmd_send, out_recv, ready, proc.pid, wait, kill)
 
 
 def _wait_ready(outputs: Connection, proc: Any, timeout_s: float) -> CoreReady:
@@ -433,8 +442,11 @@ def start_core_thread(engine: LLMEngine) -> CoreHandle:
     ready = CoreReady(engine.max_model_len, engine.model_config.vocab_size, engine.get_stats())
     thread.start()
 
-    def join(timeout_s: float) -> bool:
+    def wait(timeout_s: float) -> bool:
         thread.join(timeout_s)
         return not thread.is_alive()
 
-    return CoreHandle(cmd_send, out_recv, ready, None, join)
+    def cannot_kill() -> None:
+        pass  # a daemon thread: it dies with the process
+
+    return CoreHandle(cmd_send, out_recv, ready, None, wait, cannot_kill)

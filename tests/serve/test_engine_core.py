@@ -261,3 +261,15 @@ def test_a_dead_core_fails_in_flight_requests_and_health(model_dir):
         assert e.value.status_code == 503
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_close_stops_a_busy_core_whose_reports_nobody_reads(model_dir):
+    core = start_core_process(engine_config(model_dir))
+    for i in range(4):
+        core.commands.send(AddRequest(f"r{i}", [1 + i, 2], greedy(400)))
+    time.sleep(2)  # it steps on, its unread reports fill the pipe and block it
+    t0 = time.monotonic()
+    core.close(timeout_s=20)
+    assert time.monotonic() - t0 < 20  # it read the shutdown, it was not killed
+    assert core.pid is not None and not _is_alive(core.pid)
