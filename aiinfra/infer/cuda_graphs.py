@@ -91,6 +91,9 @@ class DecodeGraphRunner:
         self.block_tables = self._dev32[B:].view(B, W)
         # every row is one query token: the start offsets never change
         self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        # the async copies read the pinned staging buffers: the next step must not overwrite
+        # them before they are done (a step with no sampling row never syncs the stream)
+        self._copied = torch.cuda.Event() if pin else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         if capture:
@@ -116,6 +119,8 @@ class DecodeGraphRunner:
 
     def prepare(self, batch: Batch) -> int:
         """Write the batch into the host staging buffers, padded to a captured size; return it."""
+        if self._copied is not None:
+            self._copied.synchronize()
         seqs = batch.seqs
         S = len(seqs)
         size = padded_size(self.sizes, S)
@@ -146,6 +151,8 @@ class DecodeGraphRunner:
     def _copy_to_device(self) -> None:
         self._dev64.copy_(self._host64, non_blocking=True)
         self._dev32.copy_(self._host32, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
     # --- forward ----------------------------------------------------------------------------------
 

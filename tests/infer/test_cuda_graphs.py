@@ -283,3 +283,19 @@ def test_graph_eager_with_triton_kernels(tiny_dir, reference, monkeypatch):
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.outputs[0].token_ids == generate_greedy(reference, prompt, 5)
     assert any(n < size for n, size, _ in log)  # 3 sequences padded to 4
+
+
+def test_profile_step_runs_a_full_budget_batch(tiny_dir):
+    """The CUDA memory profile's dummy step, on CPU: sequences of at most max_model_len tokens
+    fill the token budget; the paged metadata it builds must be consistent (the kernels check
+    block tables and query starts against the cache)."""
+    from aiinfra.infer.attention import KVCache
+    from aiinfra.infer.model_runner import _profile_step
+
+    model, config = load_model(tiny_dir)
+    nbytes = _profile_step(model, num_tokens=21, num_seqs=4, max_model_len=8, block_size=4)
+    # 8 + 8 + 5 tokens: 2 + 2 + 2 blocks
+    per_block = KVCache.bytes_per_block(
+        config.num_layers, 4, config.num_kv_heads, config.dim_per_head, torch.float32
+    )
+    assert nbytes == 6 * per_block
