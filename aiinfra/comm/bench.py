@@ -134,15 +134,20 @@ def _worker(rank: int, world_size: int, config: BenchConfig, out_path: str) -> N
         group.destroy()
         group = CommGroup(world, CommConfig(tuning_path=config.tuning_path, shm=shm), name="bench")
     dtype = _DTYPES[config.dtype]
-    registered = (
-        group.alloc(max(config.sizes) // 4 + 64, torch.float32) if config.registered else None
-    )
+    # one registered buffer per impl: sharing one let each impl start from the cache state the
+    # previous impl's writes left (64 MiB, world 2: push_two_shot 9.3 ms on its own buffer, 10.4 ms
+    # on the shared one, while staging-free two_shot after it gained the other way)
+    registered = {
+        impl: group.alloc(max(config.sizes) // 4 + 64, torch.float32)
+        for impl in config.impls
+        if config.registered and impl != "torch"
+    }
     rows = []
     for nbytes in config.sizes:
         iters = max(1, min(config.iters, (128 << 20) // nbytes))
         made = {}
         for impl in config.impls:
-            use_reg = registered if impl != "torch" else None
+            use_reg = registered.get(impl)
             made[impl] = (*_make_op(group, config.op, impl, nbytes, dtype, use_reg), use_reg)
         seconds = time_interleaved(
             [fn for fn, _, _ in made.values()], config.warmup, iters, config.repeats
@@ -172,13 +177,17 @@ def time_interleaved(
     fns: Sequence[Callable[[], object]], warmup: int, iters: int, repeats: int
 ) -> list[float]:
     """Seconds per call of each fn: blocks of `iters` calls, the impls taking turns `repeats` times
-    so that they see the same load on a shared machine; median block per rank, mean over ranks."""
+    so that they see the same load on a shared machine; median block per rank, mean over ranks.
+    Every other round runs in reverse order: with one fixed order the same algorithm measured up
+    to ~15% apart depending on its place in the round (say, right after gloo's collective, whose
+    threads may still hold a core), which biased the ratios between impls."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     blocks: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, times in zip(fns, blocks, strict=True):
+    for k in range(repeats):
+        turns = list(zip(fns, blocks, strict=True))
+        for fn, times in turns[::-1] if k % 2 else turns:
             dist.barrier()
             start = time.perf_counter()
             for _ in range(iters):
