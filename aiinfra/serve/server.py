@@ -398,6 +398,7 @@ def run_server(
 
     The engine core runs in its own process (`engine_process=False`: a thread of this one); its
     startup errors are raised before the server listens."""
+    import torch
     import uvicorn
 
     if tp != 1:
@@ -423,6 +424,7 @@ def run_server(
     engine: LLMEngine | AsyncLLMEngine
     if engine_process:
         engine = AsyncLLMEngine.from_config(engine_config, max_waiting=max_waiting)
+        torch.set_num_threads(1)  # no model ops here: the core's OpenMP team has the cores
     else:
         engine = LLMEngine(engine_config)
     logger.info("serving %s on http://%s:%d", config.served_model_name, host, port)
