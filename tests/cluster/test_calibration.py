@@ -14,7 +14,11 @@ IMPLS = ("one_shot@shm", "two_shot@shm", "cma_two_shot@shm")
 REGISTERED_IMPLS = ("push_two_shot@shm",)
 
 
-@pytest.mark.xfail(reason="not yet checked on a quiet machine", strict=False)
+# TODO(issue 6): with per-algorithm fits, 19 of 20 points held at load ~2.1 on 2 cores (16:26 UTC);
+# cma_two_shot at 64 MiB measured 17.5 ms against 12.6 ms predicted (0.72x): the benchmark runs it
+# beside other impls' 64 MiB buffers, which the fit's samples at that size did not reproduce. Not
+# yet run on a quiet machine; a model that holds there shows as XPASS.
+@pytest.mark.xfail(reason="cma_two_shot at 64 MiB predicted 0.72x at load 2", strict=False)
 @pytest.mark.distributed
 def test_calibrated_shm_all_reduce_within_25_percent(tmp_path):
     bench = pytest.importorskip("aiinfra.comm.bench")
