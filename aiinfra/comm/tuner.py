@@ -55,10 +55,12 @@ CMA_CHUNK_BYTES = 16 << 20
 # fourth parameter, and not an alpha one: alpha also prices scheduling delays at barriers): 1 MiB
 # pieces added ~3.5 ms over 63 more calls, ~55 us a call, ~0.5 MB at the default shm beta
 CMA_CALL_BYTES = 512 << 10
-# a process_vm_readv byte costs more CPU than a memcpy byte (the kernel pins each 4 KiB page of the
-# peer before copying it). CPU per rank at 64 MiB measured 0.89x two_shot's at world 2 and 0.94x at
-# world 4; with the default gamma/beta that is a factor 1.25 and 1.05 on the copied bytes
-CMA_BETA_FACTOR = 1.15
+# a process_vm_readv/writev byte costs more CPU than a memcpy byte (the kernel pins each 4 KiB page
+# of the peer before copying it). CPU per rank at 64 MiB measured 0.89x two_shot's at world 2 and
+# 0.94x at world 4 (a factor 1.25 and 1.05 on the copied bytes with the default gamma/beta); since
+# the reduced slice is pushed from this core's cache, cma_two_shot ran 1-8% faster than staging
+# two_shot at world 4 (5 runs, 16:00-16:20 UTC), which the model sees from a factor below ~1.1
+CMA_BETA_FACTOR = 1.05
 # 8 B .. 64 MiB every factor of 2: the per-byte cost of the shm algorithms does not fall smoothly
 # with size (the buffers leave the 2 MiB L2s between 2 and 8 MiB), so the fit needs every octave
 CALIBRATION_SIZES = tuple(8 << k for k in range(24))
