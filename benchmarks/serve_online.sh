@@ -6,6 +6,7 @@
 set -euo pipefail
 OUT=${1:-/tmp/aiinfra-serve-online}
 RATES=${RATES:-inf 2 4}
+N=0
 mkdir -p "$OUT"
 [ -f "$OUT/bench-32m/config.json" ] || aiinfra models create --preset bench-32m --seed 0 "$OUT/bench-32m"
 W="--num-prompts 128 --input-len 64,512 --output-len 32,256 --vocab 8192 --seed 0"
@@ -18,10 +19,13 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 120); do curl -sf "127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.5; done
 URL=http://127.0.0.1:$PORT
-aiinfra bench serve --url "$URL" --num-prompts 4 --input-len 64,512 --output-len 32,256 --seed 0 > /dev/null
+# warm-up on other prompts (seed 99); each rate after saturation gets its own prompts (seeds 1, 2, ...), so
+# no run is served from the prefix cache of an earlier one: saturation runs the offline workload
+aiinfra bench serve --url "$URL" --num-prompts 4 --input-len 64,512 --output-len 32,256 --vocab 8192 --seed 99 > /dev/null
 for RATE in $RATES; do
-    aiinfra bench serve --url "$URL" $W --request-rate "$RATE" --json "$OUT/online_$RATE.json" \
-        --plot "$OUT/cdf_$RATE.png"
+    SEED=0; [ "$RATE" = inf ] || SEED=$((++N))
+    aiinfra bench serve --url "$URL" ${W/--seed 0/--seed $SEED} --request-rate "$RATE" \
+        --json "$OUT/online_$RATE.json" --plot "$OUT/cdf_$RATE.png"
     # the engine core's CPU seconds so far (the bench's server_cpu_seconds is the API process's)
     curl -s "$URL/metrics" | grep '^engine_core_process_cpu_seconds_total' || true
 done

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 
 
@@ -63,22 +63,22 @@ def summarize(values_s: list[float]) -> dict[str, float | None]:
 
 
 async def _send(
-    client: httpx.AsyncClient, url: str, body: dict, result: RequestResult, t_bench: float
+    session: aiohttp.ClientSession, url: str, body: dict, result: RequestResult, t_bench: float
 ) -> None:
     t0 = time.perf_counter()
     result.start_s = t0 - t_bench
     last = t0
     num_chunks, usage_tokens = 0, None
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {(await resp.read())[:200]!r}"
                 return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
+            async for raw in resp.content:  # one SSE line at a time
+                if not raw.startswith(b"data:"):
                     continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+                data = raw[5:].strip()
+                if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -93,7 +93,7 @@ async def _send(
                     last, num_chunks = now, num_chunks + 1
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"]["completion_tokens"]
-    except httpx.HTTPError as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         result.error = f"{type(e).__name__}: {e}"
         return
     result.e2e_s = last - t0
@@ -112,13 +112,17 @@ async def _run(
 ) -> tuple[list[RequestResult], float, str, float | None]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = max_concurrency or len(requests)
-    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
-    timeout = httpx.Timeout(600.0, connect=30.0)
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
+    # aiohttp, as vLLM's benchmark_serving: its streaming reader costs the client (which shares
+    # the machine with the server) several times less CPU than httpx's
+    connector = aiohttp.TCPConnector(limit=limit)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30.0, sock_read=600.0)
+    async with aiohttp.ClientSession(
+        headers=headers, connector=connector, timeout=timeout, read_bufsize=1 << 16
+    ) as client:
         if model is None:
-            r = await client.get(base + "/v1/models")
-            r.raise_for_status()
-            model = r.json()["data"][0]["id"]
+            async with client.get(base + "/v1/models") as r:
+                r.raise_for_status()
+                model = (await r.json())["data"][0]["id"]
         assert model is not None
         cpu_before = await _server_cpu_seconds(client, base)
         gate = asyncio.Semaphore(limit)
@@ -146,13 +150,14 @@ async def _run(
     return results, duration, model, cpu
 
 
-async def _server_cpu_seconds(client: httpx.AsyncClient, base: str) -> float | None:
+async def _server_cpu_seconds(client: aiohttp.ClientSession, base: str) -> float | None:
     """The server's process_cpu_seconds_total from /metrics (ours and vLLM's export it), if any."""
     try:
-        r = await client.get(base + "/metrics")
-    except httpx.HTTPError:
+        async with client.get(base + "/metrics") as r:
+            text = await r.text() if r.status == 200 else ""
+    except aiohttp.ClientError:
         return None
-    for line in r.text.splitlines() if r.status_code == 200 else []:
+    for line in text.splitlines():
         if line.startswith("process_cpu_seconds_total "):
             return float(line.split()[1])
     return None
@@ -181,6 +186,7 @@ def run_online_bench(
     if not base.startswith(("http://", "https://")):
         raise ValueError(f"url ({url!r}) must start with http:// or https://")
     arrivals = poisson_arrivals(len(requests), request_rate, seed)
+    client_cpu_start = time.process_time()
     results, duration, model, server_cpu_s = asyncio.run(
         _run(
             base,
@@ -193,6 +199,8 @@ def run_online_bench(
     )
     result = _report(results, duration, request_rate, max_concurrency, slo_ttft_ms, slo_tpot_ms)
     result["model"], result["url"] = model, base
+    # this load generator's own CPU seconds: on one machine it competes with the server for cores
+    result["client_cpu_seconds"] = time.process_time() - client_cpu_start
     # CPU seconds the server process used while serving the run (None if it does not export them)
     result["server_cpu_seconds"] = server_cpu_s
     result["output_tok_per_server_cpu_s"] = (
@@ -269,6 +277,7 @@ def _print_table(result: dict[str, Any]) -> None:
     head.add_row("total throughput (tok/s)", f"{result['total_tok_per_s']:.1f}")
     if result["goodput_req_per_s"] is not None:
         head.add_row("goodput (req/s)", f"{result['goodput_req_per_s']:.2f}")
+    head.add_row("client CPU time (s)", f"{result['client_cpu_seconds']:.1f}")
     if result["server_cpu_seconds"] is not None:
         head.add_row("server CPU time (s)", f"{result['server_cpu_seconds']:.1f}")
         head.add_row("output tok / server CPU s", f"{result['output_tok_per_server_cpu_s']:.1f}")
