@@ -384,8 +384,9 @@ def test_cuda_fused_matches_reference_and_launches_fewer_kernels(case, dtype):
     n_ref = _cuda_launches(lambda: ref.model(one, pos))
     n_fused = _cuda_launches(lambda: fused.model(one, pos))
     L = config.num_layers
-    # causal attention (attn=None) is the same in both; fused layers are ~8 launches + attention
-    assert n_fused <= n_ref - 25 * L, (n_ref, n_fused)
+    # the causal attention (attn=None) is the same in both; a reference layer launches ~33 other
+    # kernels in fp32 (no casts; ~37 in bf16), a fused one 8 (9 if the qkv bias is a separate add)
+    assert n_fused <= n_ref - 20 * L, f"{n_ref} kernels in the reference, {n_fused} fused"
 
 
 @pytest.mark.gpu
