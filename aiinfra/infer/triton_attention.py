@@ -166,7 +166,9 @@ def write_kv_triton(
     N, Hkv, D = k.shape
     if N == 0:
         return
-    k, v = k.contiguous(), v.contiguous()
+    # the kernel needs unit stride only within a head: q/k/v slices of one projection need no copy
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
     k_cache, v_cache = kv_cache.key_cache(layer_idx), kv_cache.value_cache(layer_idx)
     _write_kv_kernel[(N, Hkv)](
         k,

@@ -51,6 +51,21 @@ def test_triton_write_kv_matches_ref(dtype: torch.dtype) -> None:
 
 
 @interpreted
+def test_triton_write_kv_strided_slices() -> None:
+    """k/v as views of one packed [N, 3 * Hkv, D] projection (as the fused qkv gives them): the
+    kernel reads them in place, so a wrong stride would scramble heads or tokens."""
+    case = make_case([(3, 9), (0, 17), (10, 1)], block_size=4, group=2)
+    other = make_case([(3, 9), (0, 17), (10, 1)], block_size=4, group=2)
+    Hkv = case.k_new.shape[1]
+    packed = torch.cat([torch.randn_like(case.k_new), case.k_new, case.v_new], dim=1)
+    k, v = packed[:, Hkv : 2 * Hkv], packed[:, 2 * Hkv :]
+    assert not k.is_contiguous() and k.stride(-1) == 1
+    write_kv_triton(case.kv_cache, 0, k, v, case.meta.slot_mapping)
+    write_kv_ref(other.kv_cache, 0, case.k_new, case.v_new, case.meta.slot_mapping)
+    torch.testing.assert_close(case.kv_cache.kv, other.kv_cache.kv, atol=0, rtol=0, equal_nan=True)
+
+
+@interpreted
 def test_triton_odd_head_dim_and_long_queries() -> None:
     case = make_case([(5, 1), (0, 70), (33, 40)], block_size=16, group=2, head_dim=24)
     write_kv_ref(case.kv_cache, 0, case.k_new, case.v_new, case.meta.slot_mapping)
