@@ -173,26 +173,40 @@ def _worker(rank: int, world_size: int, config: BenchConfig, out_path: str) -> N
     group.destroy()
 
 
+MIN_BLOCK_S = 5e-3  # shortest timed block; short calls get more than `iters` per block
+MAX_BLOCK_CALLS = 1000
+
+
 def time_interleaved(
     fns: Sequence[Callable[[], object]], warmup: int, iters: int, repeats: int
 ) -> list[float]:
-    """Seconds per call of each fn: blocks of `iters` calls, the impls taking turns `repeats` times
-    so that they see the same load on a shared machine; median block per rank, mean over ranks.
+    """Seconds per call of each fn: blocks of >= `iters` calls (and >= MIN_BLOCK_S), impls taking
+    turns `repeats` times so that they see the same load on a shared machine; median block per rank,
+    mean over ranks.
     Every other round runs in reverse order: with one fixed order the same algorithm measured up
     to ~15% apart depending on its place in the round (say, right after gloo's collective, whose
     threads may still hold a core), which biased the ratios between impls."""
+    warm_s = []
     for fn in fns:
-        for _ in range(warmup):
+        start = time.perf_counter()
+        for _ in range(max(1, warmup)):
             fn()
+        warm_s.append((time.perf_counter() - start) / max(1, warmup))
+    # a block lasts at least MIN_BLOCK_S: 20 calls of a 15 us collective are 0.3 ms, which one
+    # descheduling of a busy-waiting rank doubles; the ranks agree on the longest count
+    counts = torch.tensor(
+        [max(iters, min(MAX_BLOCK_CALLS, math.ceil(MIN_BLOCK_S / max(t, 1e-9)))) for t in warm_s]
+    )
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     blocks: list[list[float]] = [[] for _ in fns]
     for k in range(repeats):
-        turns = list(zip(fns, blocks, strict=True))
-        for fn, times in turns[::-1] if k % 2 else turns:
+        turns = list(zip(fns, blocks, counts.tolist(), strict=True))
+        for fn, times, n in turns[::-1] if k % 2 else turns:
             dist.barrier()
             start = time.perf_counter()
-            for _ in range(iters):
+            for _ in range(n):
                 fn()
-            times.append((time.perf_counter() - start) / iters)
+            times.append((time.perf_counter() - start) / n)
     medians = torch.tensor([sorted(b)[len(b) // 2] for b in blocks], dtype=torch.float64)
     dist.all_reduce(medians)
     return (medians / dist.get_world_size()).tolist()
