@@ -78,6 +78,8 @@ class LinkParams:
     # each halving of the message makes a byte cheaper by this fraction (caches), see byte_factor()
     size_slope: float = 0.0
     size_ref_bytes: int = 64 << 20
+    # the cheapest a byte gets (cache level): with a steep slope, the factor is a step at the knee
+    size_floor: float = 0.25
 
     def __post_init__(self) -> None:
         for field in ("alpha_s", "beta_s_per_byte", "gamma_s_per_byte"):
@@ -88,6 +90,8 @@ class LinkParams:
             raise ValueError(f"size_slope ({self.size_slope}) must be in [0, {MAX_SIZE_SLOPE}]")
         if self.size_ref_bytes < 1:
             raise ValueError(f"size_ref_bytes ({self.size_ref_bytes}) must be >= 1")
+        if not 0 < self.size_floor <= 1:
+            raise ValueError(f"size_floor ({self.size_floor}) must be in (0, 1]")
 
     def byte_factor(self, nbytes: int) -> float:
         """Cost of a byte at this message size relative to a byte of a large message.
@@ -96,19 +100,27 @@ class LinkParams:
         per-byte cost of shm all_reduce is flat from 64 MiB down to a few MiB (the knee,
         size_ref_bytes, where the buffers start to fit in the 2 MiB L2s and the shared L3) and
         falls about log-linearly below it, so the factor is
-        1 - size_slope * log2(size_ref_bytes / nbytes), floored at MIN_BYTE_FACTOR.
+        1 - size_slope * log2(size_ref_bytes / nbytes), floored at size_floor. A steep slope with a
+        high floor is a step: cma_two_shot's byte costs ~0.6-0.8 of a 64 MiB byte anywhere from 1 to
+        32 MiB, then the working set leaves the L3 (32 -> 64 MiB took 2.6x the time).
         """
         if self.size_slope == 0 or nbytes >= self.size_ref_bytes:
             return 1.0
         halvings = math.log2(self.size_ref_bytes / max(nbytes, 1))
-        return max(MIN_BYTE_FACTOR, 1.0 - self.size_slope * halvings)
+        return max(self.size_floor, 1.0 - self.size_slope * halvings)
 
 
 SIZE_REF_BYTES = 64 << 20
 # the fits try the knee of byte_factor at 64 MiB, 32 MiB, ..., 1 MiB
 SIZE_REF_GRID = tuple(SIZE_REF_BYTES >> k for k in range(7))
-MAX_SIZE_SLOPE = 0.2
+MAX_SIZE_SLOPE = 1.0
 MIN_BYTE_FACTOR = 0.25
+# the (slope, floor) grid of the fits: fine slopes with the lowest floor (log-linear), then steep
+# slopes with higher floors (steps at the knee)
+SIZE_SLOPE_GRID = tuple(float(x) for x in np.linspace(0.0, 0.2, 41)) + tuple(
+    float(x) for x in np.linspace(0.25, MAX_SIZE_SLOPE, 16)
+)
+SIZE_FLOOR_GRID = (MIN_BYTE_FACTOR, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 # Until calibrate() has run: rough values for this class of machine (2 CPU cores, loopback TCP for
@@ -283,11 +295,12 @@ _ZERO = LinkParams(alpha_s=0.0, beta_s_per_byte=0.0, gamma_s_per_byte=0.0)
 
 
 def _size_probes(fit_size_slope: bool) -> list[LinkParams]:
-    """The (size_slope, size_ref_bytes) grid the fits search, as zero-cost LinkParams."""
+    """The (size_slope, size_ref_bytes, size_floor) grid of the fits, as zero-cost LinkParams."""
     if not fit_size_slope:
         return [_ZERO]
-    return [dataclasses.replace(_ZERO, size_slope=float(slope), size_ref_bytes=ref)
-            for ref in SIZE_REF_GRID for slope in np.linspace(0.0, MAX_SIZE_SLOPE, 41)]  # fmt: skip
+    return [dataclasses.replace(_ZERO, size_slope=slope, size_ref_bytes=ref, size_floor=floor)
+            for floor in SIZE_FLOOR_GRID for ref in SIZE_REF_GRID for slope in SIZE_SLOPE_GRID
+            if floor == MIN_BYTE_FACTOR or slope > 0.2]  # fmt: skip
 
 
 def fit_algorithm_params(

