@@ -175,11 +175,12 @@ def _gather_slices(
     sm.release_half(half)
 
 
-def _two_shot_registered(
+def _reduce_own_slice(
     sm: SharedMemoryTransport, x: torch.Tensor, offset: int, peers: list[torch.Tensor], op: str
-) -> None:
-    """In place on buffers that already live in shared memory: no copy in, three barriers. Not
-    chunked: on a shared CPU every barrier can cost a scheduling delay, so fewer is faster."""
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The first shot of the registered two-shots: once every input is ready (the barrier, which
+    also checks the arguments), rank r reduces slice r of every rank's buffer into its own.
+    Returns the buffers as x's dtype and the slice bounds."""
     p, r = sm.world_size, sm.rank
     views = [v.view(x.dtype) for v in peers]
     sb = chunk_bounds(x.numel(), p)
@@ -188,6 +189,16 @@ def _two_shot_registered(
     mine = views[r][lo:hi]  # the destination is also a source: it must be read first
     _reduce_all(mine, [mine] + [v[lo:hi] for q, v in enumerate(views) if q != r], op)
     finish_avg(mine, p, op)
+    return views, sb
+
+
+def _two_shot_registered(
+    sm: SharedMemoryTransport, x: torch.Tensor, offset: int, peers: list[torch.Tensor], op: str
+) -> None:
+    """In place on buffers that already live in shared memory: no copy in, three barriers. Not
+    chunked: on a shared CPU every barrier can cost a scheduling delay, so fewer is faster."""
+    views, sb = _reduce_own_slice(sm, x, offset, peers, op)
+    p, r = sm.world_size, sm.rank
     sm.barrier()
     for q in range(p):
         if q != r:
@@ -211,15 +222,10 @@ def push_two_shot_all_reduce(
     # No conflicts: slice r of any buffer is read and written by rank r alone, and rank r writes
     # the peers' copies only after it has read all of slice r. The closing barrier is what lets the
     # caller read its buffer (every slice has arrived) and write it again (no rank still reads it).
-    offset, peers = registered
+    views, sb = _reduce_own_slice(sm, x, *registered, op)
     p, r = sm.world_size, sm.rank
-    views = [v.view(x.dtype) for v in peers]
-    sb = chunk_bounds(x.numel(), p)
     lo, hi = sb[r], sb[r + 1]
-    sm.barrier(describe("all_reduce", x, op, extra=offset), "all_reduce")
-    mine = views[r][lo:hi]  # the destination is also a source: it must be read first
-    _reduce_all(mine, [mine] + [v[lo:hi] for q, v in enumerate(views) if q != r], op)
-    finish_avg(mine, p, op)
+    mine = views[r][lo:hi]
     for q in range(p):
         if q != r:
             views[q][lo:hi].copy_(mine)

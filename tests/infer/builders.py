@@ -1,6 +1,7 @@
-"""Builders for the scheduler / block manager tests: sequences of token ids, no model."""
+"""Builders for the engine tests: sequences of token ids and prompts, no model."""
 
 import itertools
+import random
 
 from aiinfra.infer.block_manager import BlockManager
 from aiinfra.infer.sampling_params import SamplingParams
@@ -71,3 +72,9 @@ class FakeKV:
             for s, sampling in zip(batch.seqs, batch.is_sampling, strict=True)
             if sampling
         ]
+
+
+def random_prompts(seed: int, n: int, lo: int, hi: int) -> list[list[int]]:
+    """n seeded prompts of byte ids, lengths in [lo, hi]."""
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randint(lo, hi))] for _ in range(n)]

@@ -8,7 +8,6 @@ chunks happen; the gpu-marked tests capture real graphs and compare with eager C
 from __future__ import annotations
 
 import os
-import random
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ if not torch.cuda.is_available():
 from aiinfra.infer import LLM, EngineConfig, LLMEngine, SamplingParams
 from aiinfra.infer.cuda_graphs import DecodeGraphRunner, capture_sizes, padded_size
 from aiinfra.models import generate_greedy, load_model
-from tests.infer.builders import make_scheduler, make_sequence
+from tests.infer.builders import make_scheduler, make_sequence, random_prompts
 
 # tiny: 4 layers x 2 KV heads x 32 dims x fp32 x K and V = 2 KiB per token, 8 KiB per block of 4
 BLOCK_BYTES = 8 * 1024
@@ -30,17 +29,6 @@ BLOCK_BYTES = 8 * 1024
 
 def _greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
-def _prompts(seed: int, n: int, lo: int, hi: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(256) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
-    model, _ = load_model(tiny_dir)
-    return model
 
 
 def test_capture_sizes_and_padding():
@@ -81,7 +69,7 @@ def _graph_eager(llm: LLM, max_num_seqs: int) -> list[tuple[int, int, bool]]:
 
 
 def test_graph_eager_matches_plain_path_and_greedy_loop(tiny_dir, reference):
-    prompts = _prompts(0, 7, 1, 40)
+    prompts = random_prompts(0, 7, 1, 40)
     kw = dict(block_size=4, kv_cache_memory=40 * BLOCK_BYTES, max_num_seqs=6)
     plain = LLM(tiny_dir, **kw).generate(prompts, _greedy(14), use_tqdm=False)
     llm = LLM(tiny_dir, **kw)
@@ -100,7 +88,7 @@ def test_graph_eager_matches_plain_path_and_greedy_loop(tiny_dir, reference):
 def test_graph_eager_with_one_token_prefill_chunks(tiny_dir, reference):
     # a budget of 3 tokens for up to 3 sequences: prompts advance 1-2 tokens per step beside
     # decodes, so some decode-only-shaped batches hold a prefill row that does not sample
-    prompts = _prompts(1, 5, 2, 12)
+    prompts = random_prompts(1, 5, 2, 12)
     llm = LLM(
         tiny_dir, block_size=4, kv_cache_memory="1MiB", max_num_seqs=3, max_num_batched_tokens=3
     )
@@ -199,7 +187,7 @@ def test_auto_resolves_to_cpu_fp32_here(tiny_dir):
 
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager_cuda_and_greedy_loop(tiny_dir, reference):
-    prompts = _prompts(5, 7, 1, 40)
+    prompts = random_prompts(5, 7, 1, 40)
     kw = dict(
         device="cuda",
         dtype="float32",
@@ -234,7 +222,7 @@ def test_graph_replay_logits_equal_eager_logits(tiny_dir, dtype):
             max_num_seqs=8,
         )
     )
-    for i, prompt in enumerate(_prompts(6, 5, 3, 30)):
+    for i, prompt in enumerate(random_prompts(6, 5, 3, 30)):
         engine.add_request(f"r{i}", prompt, _greedy(8))
     engine.step()  # prefills
     runner = engine.model_runner
@@ -274,7 +262,7 @@ def test_graph_eager_with_triton_kernels(tiny_dir, reference, monkeypatch):
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton_attention was imported without TRITON_INTERPRET=1")
-    prompts = _prompts(7, 3, 2, 9)
+    prompts = random_prompts(7, 3, 2, 9)
     llm = LLM(tiny_dir, block_size=4, kv_cache_memory="1MiB", max_num_seqs=4)
     log = _graph_eager(llm, max_num_seqs=4)
     monkeypatch.setattr(attention, "write_kv", write_kv_triton)

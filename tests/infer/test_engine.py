@@ -9,7 +9,8 @@ import transformers
 
 from aiinfra.infer import LLM, EngineConfig, LLMEngine, SamplingParams
 from aiinfra.infer.engine import parse_bytes
-from aiinfra.models import generate_greedy, load_model
+from aiinfra.models import generate_greedy
+from tests.infer.builders import random_prompts
 
 # tiny: 4 layers x 2 KV heads x 32 dims x fp32 x K and V = 2 KiB per token, 8 KiB per block of 4
 BLOCK_BYTES = 8 * 1024
@@ -17,17 +18,6 @@ BLOCK_BYTES = 8 * 1024
 
 def _greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
-
-
-def _prompts(seed: int, n: int, lo: int, hi: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(256) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
-    model, _ = load_model(tiny_dir)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +46,13 @@ def _check_against_references(llm: LLM, model, hf_model, prompts, max_tokens: in
 
 
 def test_mixed_lengths_match_greedy_loop_and_hf(tiny_dir, reference, hf_model):
-    prompts = _prompts(0, 6, 1, 70)
+    prompts = random_prompts(0, 6, 1, 70)
     llm = LLM(tiny_dir, block_size=4, kv_cache_memory="4MiB")
     _check_against_references(llm, reference, hf_model, prompts, 12)
 
 
 def test_preemption_keeps_greedy_outputs(tiny_dir, reference, hf_model):
-    prompts = _prompts(1, 8, 20, 60)
+    prompts = random_prompts(1, 8, 20, 60)
     # 24 blocks = 96 token slots for 8 sequences of up to 80 tokens: most get preempted
     llm = LLM(tiny_dir, block_size=4, kv_cache_memory=24 * BLOCK_BYTES)
     _check_against_references(llm, reference, hf_model, prompts, 20)
@@ -72,7 +62,7 @@ def test_preemption_keeps_greedy_outputs(tiny_dir, reference, hf_model):
 
 
 def test_chunked_prefill_keeps_greedy_outputs(tiny_dir, reference, hf_model, monkeypatch):
-    prompts = _prompts(2, 5, 30, 90)
+    prompts = random_prompts(2, 5, 30, 90)
     llm = LLM(tiny_dir, block_size=4, kv_cache_memory="4MiB", max_num_batched_tokens=7)
     chunks = []
     step = llm.engine.step
@@ -104,7 +94,7 @@ def test_prefix_cache_hits_keep_greedy_outputs(tiny_dir, reference, hf_model):
 
 def test_everything_at_once(tiny_dir, reference, hf_model):
     """Preemption, chunking and prefix hits in one run, with prompts of every length."""
-    prompts = _prompts(4, 10, 1, 50)
+    prompts = random_prompts(4, 10, 1, 50)
     prompts += [prompts[0] + prompts[1], prompts[2][:9]]
     llm = LLM(tiny_dir, block_size=4, kv_cache_memory=30 * BLOCK_BYTES, max_num_batched_tokens=16)
     _check_against_references(llm, reference, hf_model, prompts, 16)
