@@ -64,21 +64,25 @@ def one_shot_all_reduce(
 ) -> None:
     """Every rank reads all p buffers and reduces the whole chunk: one barrier (small sizes)."""
     p, r = sm.world_size, sm.rank
-    desc = describe("all_reduce", x, op)
     numel = x.numel()
     if numel * x.element_size() <= sm.config.chunk_bytes:
-        # one chunk (every latency-bound call): no slicing, generator or context manager, whose
-        # few microseconds each are a visible share of an 8-byte call
+        # one chunk (every latency-bound call): in C where it was built (shm.one_shot_native);
+        # else no slicing, generator or context manager, whose few microseconds each are a
+        # visible share of an 8-byte call
+        if sm.one_shot_native(x, out, op):
+            return
         h = sm.next_half()
         sm.acquire_half(h)
         stage = sm.staging_views(h, numel, x.dtype)
         stage[r].copy_(x)
-        sm.barrier(desc, "all_reduce")  # the argument check travels in the same barrier
+        # the argument check travels in the same barrier
+        sm.barrier(describe("all_reduce", x, op), "all_reduce")
         _reduce_all(out, stage, op)
         # no release signal: a peer's next tick (of whatever comes next) follows its reads
         sm.free_half_at_next_tick(h)
         finish_avg(out, p, op)
         return
+    desc = describe("all_reduce", x, op)
     for i, a, b in _chunks(sm, numel, x.element_size()):
         with _Halves(sm) as h:
             stage = _stage(sm, h, b - a, x.dtype)

@@ -26,7 +26,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from aiinfra.comm import native
+from aiinfra.comm.native import FastPath
 from aiinfra.comm.transport import (
+    DTYPE_CODE,
+    REDUCE_CODE,
     Backoff,
     Transport,
     Work,
@@ -130,6 +134,9 @@ class ShmConfig:
     # runnable, so a peer sharing its core hands over in a syscall instead of a wake-up (measured,
     # 8 B all_reduce at world 4 on 2 cores: 50 us per call with 1 ms, 110 us without)
     yield_s: float = 1e-3
+    # the tick wait and one-chunk one-shot all_reduce in C (comm/native.py), where a C compiler is
+    # found; False keeps everything in Python (the reference)
+    native: bool = True
 
     def __post_init__(self) -> None:
         for field in ("chunk_bytes", "slot_bytes", "cma_chunk_bytes"):
@@ -255,6 +262,22 @@ class SharedMemoryTransport(Transport):
         self._registered: list[tuple[int, int, list[_Segment]]] = []
         self.cma = config.cma and self._probe_cma()
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self.fast = self._load_fast_path() if config.native else None
+
+    def _load_fast_path(self) -> FastPath | None:
+        """Collective: the C path if every rank could load it (all ranks reduce the same way)."""
+        lib = native.library() if self.world_size <= native.MAX_WORLD else None
+        oks: list[bool | None] = [None] * self.world_size
+        dist.all_gather_object(oks, lib is not None, group=self.pg)
+        if lib is None or not all(oks):
+            return None
+        half0, half1 = (
+            [self.staging(q, h).data_ptr() for q in range(self.world_size)] for h in (0, 1)
+        )
+        ctrl_addrs = [s.data.data_ptr() for s in self.segments]
+        return FastPath(
+            lib, self.rank, ctrl_addrs, (half0, half1), self._spin_s, self.config.yield_s
+        )
 
     def _probe_cma(self) -> bool:
         """Collective: True if every rank can process_vm_readv every peer (all agree, or none)."""
@@ -313,6 +336,8 @@ class SharedMemoryTransport(Transport):
             _futex_wake(self._tick_addr[self.rank])
 
     def wait_tick(self, tick: int) -> None:
+        if self.fast is not None and self.fast.wait(tick):
+            return  # the same spin, yield and futex stages in C, for up to native.BUDGET_NS
         ctrls = self.ctrls
         if all(c[_TICK] >= tick for c in ctrls):
             return
@@ -370,6 +395,35 @@ class SharedMemoryTransport(Transport):
         if any(w[:_DESC_LEN] != first for w in words):
             raise_on_mismatch(op, self.name, [w[:_DESC_LEN] for w in words])
         return [w[_DESC_LEN:] for w in words]
+
+    def one_shot_native(self, x: torch.Tensor, out: torch.Tensor, op: str) -> bool:
+        """direct.one_shot_all_reduce of one chunk (contiguous x, out), in C: the same halves,
+        ticks and descriptor slot as the Python path. False (nothing done) where the C path is
+        missing or slower (16-bit floats above 4 KiB, anything above 1 MiB)."""
+        fast = self.fast
+        if fast is None:
+            return False
+        dtype, reduce_op = DTYPE_CODE[x.dtype], REDUCE_CODE[op]
+        if x.numel() * x.element_size() > fast.max_bytes.get((dtype, reduce_op), -1):
+            return False
+        h = self.next_half()
+        slot = _DESC + 8 * (self._calls & 1)
+        self._calls += 1
+        tick = self.next_tick()
+        args = (x.data_ptr(), out.data_ptr(), x.numel(), dtype, reduce_op, tick, h, slot)
+        rc = fast.one_shot(*args, self._half_free[h])
+        if rc == 4:  # a peer still reads this half from two calls ago: wait in Python, retry
+            self.acquire_half(h)
+            rc = fast.one_shot(*args, self._half_free[h])
+        if rc == 1:  # past the C wait's budget: the Python wait reports timeouts and dead peers
+            self.wait_tick(tick)
+            rc = fast.one_shot_finish()
+        if rc == 2:
+            words = [c[slot : slot + _DESC_LEN].tolist() for c in self.ctrls]
+            raise_on_mismatch("all_reduce", self.name, words)
+        assert rc == 0, f"shm_fast.c ai_one_shot returned {rc}"
+        self.free_half_at_next_tick(h)
+        return True
 
     def check_args(self, op: str, desc: Sequence[int]) -> None:
         self.barrier(desc, op)

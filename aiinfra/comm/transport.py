@@ -73,12 +73,12 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 def describe(op: str, tensor: torch.Tensor, reduce_op: str = "sum", extra: int = 0) -> list[int]:
     """The integers every rank must agree on for one call: op, element count, dtype, reduction,
     extra."""
-    return [_OP_CODE[op], tensor.numel(), _DTYPE_CODE[tensor.dtype], _REDUCE_CODE[reduce_op], extra]
+    return [_OP_CODE[op], tensor.numel(), DTYPE_CODE[tensor.dtype], REDUCE_CODE[reduce_op], extra]
 
 
 _OP_CODE = {op: i for i, op in enumerate(OPS)}
-_DTYPE_CODE = {dtype: i for i, dtype in enumerate(DTYPES)}
-_REDUCE_CODE = {op: i for i, op in enumerate(REDUCE_OPS)}
+DTYPE_CODE = {dtype: i for i, dtype in enumerate(DTYPES)}
+REDUCE_CODE = {op: i for i, op in enumerate(REDUCE_OPS)}
 
 
 _DESC_FIELDS = ("op", "numel", "dtype", "reduce op", "root/offset")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import pytest
@@ -21,6 +22,7 @@ from aiinfra.comm import (
     reduce_scatter,
 )
 from aiinfra.comm.shm import PREFIX, SHM_DIR
+from aiinfra.comm.transport import DTYPE_CODE
 from aiinfra.comm.tuner import ALGORITHMS, SHM_ALGORITHMS
 from tests.distributed import run_distributed
 
@@ -207,6 +209,69 @@ def check_barrier(rank: int, p: int, group: CommGroup) -> None:
         assert waited >= 0.2, f"barrier {impl}: rank {rank} left after {waited:.3f}s"
 
 
+def special_input(rank: int, p: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random values plus the cases a reduction can get wrong: NaN and infinities, -0.0, integer
+    overflow, negative integer averages."""
+    g = torch.Generator().manual_seed(77 + rank)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (n,), generator=g, dtype=dtype)
+    x = make_input(rank, n, dtype, n + 13)
+    if dtype.is_floating_point:
+        specials = [float("nan") if rank == 0 else 1.0, float("inf") if rank == p - 1 else 2.0]
+        specials += [-0.0, float("-inf") if rank == 1 else 0.5]
+    else:
+        big = torch.iinfo(dtype).max - rank
+        specials = [big, -big, -7 - rank, 3]
+    x[: min(n, 4)] = torch.tensor(specials[:n], dtype=dtype)
+    return x
+
+
+def check_native(rank: int, p: int) -> None:
+    """The C one-shot path (comm/native.py) against the Python one (ShmConfig(native=False)):
+    bit for bit, every dtype and op, on both sides of its size limits."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        return  # no C compiler: the Python path is the only one (covered above)
+    groups = {
+        native: CommGroup(
+            dist.group.WORLD,
+            CommConfig(shm=ShmConfig(native=native), tuning_path=None),
+            name=f"native={native}",
+        )
+        for native in (True, False)
+    }
+    group, python = groups[True], groups[False]
+    sm = group.shm
+    assert sm is not None and sm.fast is not None, "the C latency path did not load"
+    assert python.shm is not None and python.shm.fast is None
+    for dtype in (*DTYPES, torch.uint8):
+        limit = sm.fast.max_bytes[(DTYPE_CODE[dtype], 0)] // dtype.itemsize
+        for n in (1, 5, 1000, min(limit, 3001), limit, limit + 1):
+            if n * dtype.itemsize > sm.config.chunk_bytes:
+                continue
+            for op in ("sum", "avg", "max", "min"):
+                what = f"native one_shot {dtype} {op} n={n}"
+                x = special_input(rank, p, n, dtype)
+                native_out = torch.empty_like(x)
+                took = sm.one_shot_native(x, native_out, op)
+                assert took == (n <= limit), what
+                if not took:
+                    continue
+                ref = all_reduce(x.clone(), python, op, impl="one_shot@shm")
+                torch.testing.assert_close(
+                    native_out, ref, rtol=0, atol=0, equal_nan=True, msg=what
+                )
+                unchanged = special_input(rank, p, n, dtype)
+                torch.testing.assert_close(x, unchanged, rtol=0, atol=0, equal_nan=True, msg=what)
+                if op == "sum" and dtype.is_floating_point:  # and close to torch.distributed's
+                    finite = special_input(rank, p, n, dtype)
+                    finite[:4] = 1
+                    got = all_reduce(finite.clone(), group, op, impl="one_shot@shm")
+                    want = reference_all_reduce(finite, op, p)
+                    torch.testing.assert_close(got, want, **tolerance(dtype), msg=what)
+    for g in groups.values():
+        g.destroy()
+
+
 def check_everything(rank: int, p: int) -> None:
     group = make_group()
     own = [e for e in os.listdir(SHM_DIR) if e.startswith(f"{PREFIX}{os.getpid()}-")]
@@ -218,6 +283,7 @@ def check_everything(rank: int, p: int) -> None:
     check_reduce_scatter(rank, p, group)
     check_barrier(rank, p, group)
     group.destroy()
+    check_native(rank, p)
 
 
 @pytest.mark.distributed
