@@ -183,9 +183,12 @@ def time_interleaved(
     """Seconds per call of each fn: blocks of >= `iters` calls (and >= MIN_BLOCK_S), impls taking
     turns `repeats` times so that they see the same load on a shared machine; median block per rank,
     mean over ranks.
-    Every other round runs in reverse order: with one fixed order the same algorithm measured up
-    to ~15% apart depending on its place in the round (say, right after gloo's collective, whose
-    threads may still hold a core), which biased the ratios between impls."""
+    Round k starts at impl k (a rotation), so every impl takes every place: with one fixed order
+    the same algorithm measured up to ~15% apart depending on its place in the round (say, right
+    after gloo's collective, whose threads may still hold a core). Reversing every other round, as
+    this did before, ran the first and the last impl twice in a row at each round boundary: with 4
+    impls at 64 MiB, whichever came last ran 15-20% faster (its buffers still in cache), whatever it
+    was. With 3 or more impls a rotation never repeats one; with 2 it is the reversal."""
     warm_s = []
     for fn in fns:
         start = time.perf_counter()
@@ -199,9 +202,10 @@ def time_interleaved(
     )
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     blocks: list[list[float]] = [[] for _ in fns]
+    turns = list(zip(fns, blocks, counts.tolist(), strict=True))
     for k in range(repeats):
-        turns = list(zip(fns, blocks, counts.tolist(), strict=True))
-        for fn, times, n in turns[::-1] if k % 2 else turns:
+        shift = k % len(turns)
+        for fn, times, n in turns[shift:] + turns[:shift]:
             dist.barrier()
             start = time.perf_counter()
             for _ in range(n):
