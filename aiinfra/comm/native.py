@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 _SRC = Path(__file__).parent / "csrc" / "shm_fast.c"
 _ARGS = 12  # argument words at the start of the context (see shm_fast.c)
 MAX_WORLD = 64  # shm_fast.c's MAX_WORLD
-BUDGET_NS = 100_000_000  # a C wait returns after this, so Python can check timeouts and peers
+BUDGET_S = 0.1  # a C wait returns after this at most, so Python can check timeouts and peers
 
 _lib: ctypes.CDLL | None = None
 _failed = False
@@ -80,8 +80,10 @@ class FastPath:
         staging_addrs: tuple[Sequence[int], Sequence[int]],
         spin_s: float,
         yield_s: float,
+        timeout_s: float,
     ) -> None:
         p = len(ctrl_addrs)
+        self.budget_ns = int(min(BUDGET_S, timeout_s) * 1e9)
         words = [p, rank, int(spin_s * 1e9), int(yield_s * 1e9)]
         words += [*ctrl_addrs, *staging_addrs[0], *staging_addrs[1]]
         self._ctx = (ctypes.c_int64 * (_ARGS + len(words)))(*([0] * _ARGS + words))
@@ -95,8 +97,8 @@ class FastPath:
         }
 
     def wait(self, tick: int) -> bool:
-        """True once every rank's tick reached `tick`; False after BUDGET_NS (not yet)."""
-        struct.pack_into("2q", self._ctx, 8 * 10, tick, BUDGET_NS)
+        """True once every rank's tick reached `tick`; False after the budget (not yet)."""
+        struct.pack_into("2q", self._ctx, 8 * 10, tick, self.budget_ns)
         return self._wait(self._ptr) == 0
 
     def one_shot(
@@ -112,7 +114,7 @@ class FastPath:
         half_free: int,
     ) -> int:
         """shm_fast.c's ai_one_shot; its return code (0 done, 1 wait, 2 mismatch, 4 half busy)."""
-        args = (src, dst, numel, dtype, op, tick, half, slot, half_free, BUDGET_NS)
+        args = (src, dst, numel, dtype, op, tick, half, slot, half_free, self.budget_ns)
         struct.pack_into("10q", self._ctx, 0, *args)
         return self._one_shot(self._ptr)
 

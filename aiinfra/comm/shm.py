@@ -276,9 +276,8 @@ class SharedMemoryTransport(Transport):
             [self.staging(q, h).data_ptr() for q in range(self.world_size)] for h in (0, 1)
         )
         ctrl_addrs = [s.data.data_ptr() for s in self.segments]
-        return FastPath(
-            lib, self.rank, ctrl_addrs, (half0, half1), self._spin_s, self.config.yield_s
-        )
+        args = (self._spin_s, self.config.yield_s, self.timeout_s)
+        return FastPath(lib, self.rank, ctrl_addrs, (half0, half1), *args)
 
     def _probe_cma(self) -> bool:
         """Collective: True if every rank can process_vm_readv every peer (all agree, or none)."""
@@ -338,7 +337,7 @@ class SharedMemoryTransport(Transport):
 
     def wait_tick(self, tick: int) -> None:
         if self.fast is not None and self.fast.wait(tick):
-            return  # the same spin, yield and futex stages in C, for up to native.BUDGET_NS
+            return  # the same spin, yield and futex stages in C, for up to native.BUDGET_S
         ctrls = self.ctrls
         if all(c[_TICK] >= tick for c in ctrls):
             return
