@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,53 +75,47 @@ class LinkParams:
     alpha_s: float  # per-message latency, seconds
     beta_s_per_byte: float  # transfer time per byte
     gamma_s_per_byte: float  # reduction compute time per byte
-    # size-dependent efficiency: beta and gamma hold at size_ref_bytes and above (memory); below it
-    # each halving of the message makes a byte cheaper by this fraction (caches), see byte_factor()
-    size_slope: float = 0.0
-    size_ref_bytes: int = 64 << 20
-    # the cheapest a byte gets (cache level): with a steep slope, the factor is a step at the knee
-    size_floor: float = 0.25
+    # size-dependent efficiency (caches): a byte of an n-byte message costs byte_factor(n) times a
+    # byte of the largest knot's size; knots (bytes, factor), interpolated in log2(size), constant
+    # beyond both ends; () = 1 at every size (the planner's links)
+    byte_factors: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         for field in ("alpha_s", "beta_s_per_byte", "gamma_s_per_byte"):
             value = getattr(self, field)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{field} ({value}) must be finite and >= 0")
-        if not 0 <= self.size_slope <= MAX_SIZE_SLOPE:
-            raise ValueError(f"size_slope ({self.size_slope}) must be in [0, {MAX_SIZE_SLOPE}]")
-        if self.size_ref_bytes < 1:
-            raise ValueError(f"size_ref_bytes ({self.size_ref_bytes}) must be >= 1")
-        if not 0 < self.size_floor <= 1:
-            raise ValueError(f"size_floor ({self.size_floor}) must be in (0, 1]")
+        sizes = [n for n, _ in self.byte_factors]
+        if sizes != sorted(set(sizes)) or any(n < 1 for n in sizes):
+            raise ValueError(f"byte_factors sizes ({sizes}) must be >= 1 and increasing")
+        if any(not (math.isfinite(f) and f >= 0) for _, f in self.byte_factors):
+            raise ValueError(f"byte_factors ({self.byte_factors}) must be finite and >= 0")
 
     def byte_factor(self, nbytes: int) -> float:
         """Cost of a byte at this message size relative to a byte of a large message.
 
-        A message that fits in cache streams faster than one that goes to memory; measured here the
-        per-byte cost of shm all_reduce is flat from 64 MiB down to a few MiB (the knee,
-        size_ref_bytes, where the buffers start to fit in the 2 MiB L2s and the shared L3) and
-        falls about log-linearly below it, so the factor is
-        1 - size_slope * log2(size_ref_bytes / nbytes), floored at size_floor. A steep slope with a
-        high floor is a step: cma_two_shot's byte costs ~0.6-0.8 of a 64 MiB byte anywhere from 1 to
-        32 MiB, then the working set leaves the L3 (32 -> 64 MiB took 2.6x the time).
+        A message that fits in cache streams faster than one that goes to memory, and the curve has
+        more than one knee: measured here, shm all_reduce's per-byte cost steps up where the
+        buffers leave the 2 MiB L2s (1 -> 2 MiB: push_two_shot 3.6x the time for 2x the bytes) and
+        again where they leave the last-level cache (32 -> 64 MiB: cma_two_shot 2.6x), with a
+        plateau, even a dip, between. So the factor is piecewise linear in log2(size) through
+        fitted knots (calibrate() puts them every 4x from 64 KiB to 64 MiB), not a formula.
         """
-        if self.size_slope == 0 or nbytes >= self.size_ref_bytes:
+        knots = self.byte_factors
+        if not knots:
             return 1.0
-        halvings = math.log2(self.size_ref_bytes / max(nbytes, 1))
-        return max(self.size_floor, 1.0 - self.size_slope * halvings)
+        if nbytes <= knots[0][0]:
+            return knots[0][1]
+        for (n0, f0), (n1, f1) in zip(knots, knots[1:], strict=False):
+            if nbytes <= n1:
+                w = math.log2(nbytes / n0) / math.log2(n1 / n0)
+                return f0 + w * (f1 - f0)
+        return knots[-1][1]
 
 
-SIZE_REF_BYTES = 64 << 20
-# the fits try the knee of byte_factor at 64 MiB, 32 MiB, ..., 1 MiB
-SIZE_REF_GRID = tuple(SIZE_REF_BYTES >> k for k in range(7))
-MAX_SIZE_SLOPE = 1.0
-MIN_BYTE_FACTOR = 0.25
-# the (slope, floor) grid of the fits: fine slopes with the lowest floor (log-linear), then steep
-# slopes with higher floors (steps at the knee)
-SIZE_SLOPE_GRID = tuple(float(x) for x in np.linspace(0.0, 0.2, 41)) + tuple(
-    float(x) for x in np.linspace(0.25, MAX_SIZE_SLOPE, 16)
-)
-SIZE_FLOOR_GRID = (MIN_BYTE_FACTOR, 0.4, 0.5, 0.6, 0.7, 0.8)
+# the knots of the fitted byte_factors: every 4x from 64 KiB (smaller messages are latency-bound) to
+# 64 MiB; a fit uses those inside its samples' size range
+CACHE_KNOTS = tuple((64 << 10) << 2 * k for k in range(6))
 
 
 # Until calibrate() has run: rough values for this class of machine (2 CPU cores, loopback TCP for
@@ -269,69 +264,57 @@ class Sample:
     seconds: float
 
 
-def fit_link_params(samples: Sequence[Sample], *, fit_size_slope: bool = False) -> LinkParams:
-    """Non-negative least squares on relative error (times span five decades: weight 1/time).
-
-    With fit_size_slope, also picks the size-dependent efficiency (LinkParams.size_slope and its
-    knee size_ref_bytes) on a grid, keeping the one whose alpha-beta-gamma fit leaves the smallest
-    residual.
-    """
+def fit_link_params(samples: Sequence[Sample]) -> LinkParams:
+    """Non-negative least squares on relative error (times span five decades: weight 1/time)."""
     if not samples:
         raise ValueError("samples is empty")
     terms = np.array([cost_terms(s.op, s.algorithm, s.nbytes, s.world_size) for s in samples])
-    t = np.array([s.seconds for s in samples])
-    best: tuple[float, np.ndarray, LinkParams] = (math.inf, np.zeros(3), _ZERO)
-    for probe in _size_probes(fit_size_slope):
-        f = np.array([probe.byte_factor(s.nbytes) for s in samples])
-        A = terms * np.stack([np.ones_like(f), f, f], axis=1)
-        x, res = _nnls_relative(A, t)
-        if res < best[0]:
-            best = (res, x, probe)
-    _, x, probe = best
-    return dataclasses.replace(probe, alpha_s=x[0], beta_s_per_byte=x[1], gamma_s_per_byte=x[2])
-
-
-_ZERO = LinkParams(alpha_s=0.0, beta_s_per_byte=0.0, gamma_s_per_byte=0.0)
-
-
-def _size_probes(fit_size_slope: bool) -> list[LinkParams]:
-    """The (size_slope, size_ref_bytes, size_floor) grid of the fits, as zero-cost LinkParams."""
-    if not fit_size_slope:
-        return [_ZERO]
-    return [dataclasses.replace(_ZERO, size_slope=slope, size_ref_bytes=ref, size_floor=floor)
-            for floor in SIZE_FLOOR_GRID for ref in SIZE_REF_GRID for slope in SIZE_SLOPE_GRID
-            if floor == MIN_BYTE_FACTOR or slope > 0.2]  # fmt: skip
+    x, _ = _nnls_relative(terms, np.array([s.seconds for s in samples]))
+    return LinkParams(alpha_s=x[0], beta_s_per_byte=x[1], gamma_s_per_byte=x[2])
 
 
 def fit_algorithm_params(
-    samples: Sequence[Sample], transport: LinkParams, *, fit_size_slope: bool = False
+    samples: Sequence[Sample], transport: LinkParams, *, knots: Sequence[int] = ()
 ) -> LinkParams:
-    """One algorithm's own alpha, byte-cost scale and size_slope, from its samples alone.
+    """One algorithm's own alpha, byte-cost scale and byte_factors, from its samples alone.
 
     The samples of one algorithm cannot separate beta from gamma (both grow with n), so the
-    transport's fitted ratio of the two is kept and only their common scale k is fitted:
-    t = a_terms * alpha + k * factor(n) * (b_terms * beta + g_terms * gamma). What this adds over
-    the transport's fit is each algorithm's own barrier cost (alpha) and its own copy/add mix."""
+    transport's fitted ratio of the two is kept and only their common scale is fitted, one weight
+    per knot: t = a_terms * alpha + sum_j w_j * hat_j(n) * (b_terms * beta + g_terms * gamma), where
+    hat_j is 1 at knot j and falls linearly in log2(size) to 0 at its neighbours (the first and
+    last extend flat). All linear: one non-negative least squares, no search. The last knot's
+    weight becomes the scale, the others its byte_factors. What this adds over the transport's fit
+    is each algorithm's own barrier cost (alpha), copy/add mix and cache curve."""
     if not samples:
         raise ValueError("samples is empty")
     if len({s.algorithm for s in samples}) != 1:
         raise ValueError(f"samples mix algorithms ({sorted({s.algorithm for s in samples})})")
+    sizes = [s.nbytes for s in samples]
+    inside = [k for k in knots if min(sizes) <= k <= max(sizes)]
+    hats = [
+        LinkParams(alpha_s=0, beta_s_per_byte=0, gamma_s_per_byte=0,
+                   byte_factors=tuple((k, float(k == j)) for k in inside))
+        for j in inside
+    ] or [_ZERO]  # fmt: skip
     terms = np.array([cost_terms(s.op, s.algorithm, s.nbytes, s.world_size) for s in samples])
-    t = np.array([s.seconds for s in samples])
     per_byte = terms[:, 1] * transport.beta_s_per_byte + terms[:, 2] * transport.gamma_s_per_byte
-    best: tuple[float, np.ndarray, LinkParams] = (math.inf, np.zeros(2), _ZERO)
-    for probe in _size_probes(fit_size_slope):
-        f = np.array([probe.byte_factor(s.nbytes) for s in samples])
-        x, res = _nnls_relative(np.stack([terms[:, 0], f * per_byte], axis=1), t)
-        if res < best[0]:
-            best = (res, x, probe)
-    _, (alpha, k), probe = best
-    return dataclasses.replace(
-        probe,
+    basis = np.array([[h.byte_factor(n) for h in hats] for n in sizes])
+    x, _ = _nnls_relative(np.concatenate([terms[:, :1], basis * per_byte[:, None]], axis=1),
+                          np.array([s.seconds for s in samples]))  # fmt: skip
+    alpha, weights = x[0], x[1:]
+    scale = weights[-1] if weights[-1] > 0 else max(weights.max(), 0.0)
+    factors: tuple[tuple[int, float], ...] = ()
+    if inside and scale > 0:
+        factors = tuple((k, float(w / scale)) for k, w in zip(inside, weights, strict=True))
+    return LinkParams(
         alpha_s=alpha,
-        beta_s_per_byte=k * transport.beta_s_per_byte,
-        gamma_s_per_byte=k * transport.gamma_s_per_byte,
+        beta_s_per_byte=scale * transport.beta_s_per_byte,
+        gamma_s_per_byte=scale * transport.gamma_s_per_byte,
+        byte_factors=factors,
     )
+
+
+_ZERO = LinkParams(alpha_s=0.0, beta_s_per_byte=0.0, gamma_s_per_byte=0.0)
 
 
 def _nnls_relative(coeffs: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, float]:
@@ -353,8 +336,11 @@ def _nnls_relative(coeffs: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, float
 
 
 # version 2 adds per-algorithm entries ("shm/all_reduce/two_shot", see algorithm_key) beside the
-# per-transport ones; version 1 files (no "version") load unchanged, with transport values only
-TUNING_VERSION = 2
+# per-transport ones; version 3 replaces the one-knee cache term (size_slope, size_ref_bytes,
+# size_floor) by byte_factors. Older files load: version 1 as transport values only, version 2's
+# cache terms are dropped (those entries price every byte alike until calibrate() runs again)
+TUNING_VERSION = 3
+_PARAM_FIELDS = {f.name for f in dataclasses.fields(LinkParams)}
 
 
 def save_params(path: Path, world_size: int, params: dict[str, LinkParams]) -> None:
@@ -378,7 +364,13 @@ def load_params(path: Path, world_size: int) -> dict[str, LinkParams] | None:
     if not entries:
         return None
     nearest = min(entries, key=lambda k: abs(int(k) - world_size))
-    return {k: LinkParams(**v) for k, v in entries[nearest].items()}
+    return {k: _from_json(v) for k, v in entries[nearest].items()}
+
+
+def _from_json(entry: dict[str, Any]) -> LinkParams:
+    values = {k: v for k, v in entry.items() if k in _PARAM_FIELDS}
+    values["byte_factors"] = tuple((int(n), float(f)) for n, f in values.get("byte_factors", ()))
+    return LinkParams(**values)
 
 
 # a sample the first fit misses by more than this factor was hit by a scheduling delay (timed on
@@ -414,23 +406,21 @@ def calibrate(
     from aiinfra.comm.bench import measure_samples
 
     samples = measure_samples(group, sizes, iters)
-    # only the shm transport runs at memory speed, where caches shape the per-byte cost
     params = {}
     for transport, own in samples.items():
         if own:
-            slope = transport == "shm"
-            fit = _refit_without_outliers(partial(fit_link_params, fit_size_slope=slope), own)
-            params[transport] = fit
+            params[transport] = _refit_without_outliers(fit_link_params, own)
     if "shm" in params:
         # The direct algorithms differ in barriers per call and in their copy/add mix more than
-        # one shared fit can follow (it priced staging two_shot 25-40% low): each gets its own.
+        # one shared fit can follow (it priced staging two_shot 25-40% low): each gets its own,
+        # with its cache curve (they run at memory speed, where caches shape the per-byte cost).
         by_algorithm: dict[tuple[str, str], list[Sample]] = {}
         for s in samples["shm"]:
             by_algorithm.setdefault((s.op, s.algorithm), []).append(s)
         shm = params["shm"]
         for (op, algorithm), own in by_algorithm.items():
             fit = _refit_without_outliers(
-                partial(fit_algorithm_params, transport=shm, fit_size_slope=True), own
+                partial(fit_algorithm_params, transport=shm, knots=CACHE_KNOTS), own
             )
             params[algorithm_key("shm", op, algorithm)] = fit
     if path is not None and getattr(group, "rank", 0) == 0:

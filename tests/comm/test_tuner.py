@@ -13,6 +13,8 @@ import torch.distributed as dist
 from aiinfra.comm import CommConfig, CommGroup, LinkParams, algorithm_cost, choose_algorithm
 from aiinfra.comm.tuner import (
     ALGORITHMS,
+    CACHE_KNOTS,
+    CALIBRATION_SIZES,
     CMA_BETA_FACTOR,
     CMA_CALL_BYTES,
     CMA_CHUNK_BYTES,
@@ -134,46 +136,48 @@ def test_fit_recovers_the_parameters_that_generated_the_times(tmp_path: Path) ->
     assert load_params(tmp_path / "missing.json", 2) is None
 
 
-def test_fit_recovers_the_size_dependent_efficiency() -> None:
-    # slope 0.08 is on the fit's grid (steps of 0.005), so the recovery is exact up to lstsq
-    truth = LinkParams(alpha_s=20e-6, beta_s_per_byte=1 / 6e9, gamma_s_per_byte=1 / 4e9,
-                       size_slope=0.08)  # fmt: skip
-    samples = [
-        Sample("all_reduce", algo, n, 2, algorithm_cost("all_reduce", algo, n, 2, truth))
-        for algo in ("one_shot", "two_shot")
-        for n in (1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 26)
-    ]
-    fit = fit_link_params(samples, fit_size_slope=True)
-    assert fit.size_slope == pytest.approx(truth.size_slope)
-    assert fit.alpha_s == pytest.approx(truth.alpha_s, rel=1e-6)
-    assert fit.beta_s_per_byte == pytest.approx(truth.beta_s_per_byte, rel=1e-6)
-    assert fit.gamma_s_per_byte == pytest.approx(truth.gamma_s_per_byte, rel=1e-6)
-    assert truth.byte_factor(64 << 20) == 1.0 and truth.byte_factor(1 << 18) == pytest.approx(0.36)
-    flat = fit_link_params(samples)  # without the term the fit cannot follow the small sizes
-    worst = max(abs(algorithm_cost(s.op, s.algorithm, s.nbytes, 2, flat) / s.seconds - 1)
-                for s in samples)  # fmt: skip
-    assert worst > 0.25
+def test_byte_factor_interpolates_between_knots() -> None:
+    curve = LinkParams(alpha_s=0, beta_s_per_byte=1e-10, gamma_s_per_byte=0,
+                       byte_factors=((1 << 20, 0.5), (4 << 20, 0.8), (16 << 20, 1.0)))  # fmt: skip
+    assert curve.byte_factor(8) == 0.5 and curve.byte_factor(1 << 20) == 0.5  # flat below
+    assert curve.byte_factor(2 << 20) == pytest.approx(0.65)  # halfway in log2(size)
+    assert curve.byte_factor(64 << 20) == 1.0  # flat above
+    assert LinkParams(alpha_s=0, beta_s_per_byte=0, gamma_s_per_byte=0).byte_factor(8) == 1.0
+    with pytest.raises(ValueError, match="byte_factors sizes"):
+        LinkParams(alpha_s=0, beta_s_per_byte=0, gamma_s_per_byte=0,
+                   byte_factors=((4 << 20, 1.0), (1 << 20, 0.5)))  # fmt: skip
 
 
-def test_fit_per_algorithm_recovers_its_own_barriers_and_byte_cost() -> None:
+def test_fit_per_algorithm_recovers_its_own_barriers_byte_cost_and_cache_curve() -> None:
     shared = LinkParams(alpha_s=8e-6, beta_s_per_byte=1 / 8e9, gamma_s_per_byte=1 / 5e9)
-    # two_shot's own truth: dearer barriers, bytes 1.3x the shared price, its own cache slope
-    # below a knee at 4 MiB (on the fit's grid)
+    # two_shot's own truth: dearer barriers, bytes 1.3x the shared price, and a cache curve with
+    # two knees and a dip between (L2, then the last-level cache), as measured on this machine
+    curve = ((64 << 10, 0.3), (256 << 10, 0.35), (1 << 20, 0.5), (4 << 20, 0.8),
+             (16 << 20, 0.7), (64 << 20, 1.0))  # fmt: skip
+    assert tuple(n for n, _ in curve) == CACHE_KNOTS
     truth = LinkParams(alpha_s=30e-6, beta_s_per_byte=1.3 / 8e9, gamma_s_per_byte=1.3 / 5e9,
-                       size_slope=0.05, size_ref_bytes=4 << 20)  # fmt: skip
-    sizes = (8, 1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 26)
+                       byte_factors=curve)  # fmt: skip
     samples = [
         Sample(
             "all_reduce", "two_shot", n, 2, algorithm_cost("all_reduce", "two_shot", n, 2, truth)
         )
-        for n in sizes
+        for n in CALIBRATION_SIZES
     ]
-    fit = fit_algorithm_params(samples, shared, fit_size_slope=True)
+    fit = fit_algorithm_params(samples, shared, knots=CACHE_KNOTS)
     assert fit.alpha_s == pytest.approx(truth.alpha_s, rel=1e-6)
     assert fit.beta_s_per_byte == pytest.approx(truth.beta_s_per_byte, rel=1e-6)
     assert fit.gamma_s_per_byte == pytest.approx(truth.gamma_s_per_byte, rel=1e-6)
-    assert fit.size_slope == pytest.approx(truth.size_slope)
-    assert fit.size_ref_bytes == truth.size_ref_bytes
+    for (n, f), (m, g) in zip(fit.byte_factors, curve, strict=True):
+        assert n == m and f == pytest.approx(g, rel=1e-6)
+    # without the curve one scale cannot follow it: some size is missed by more than 25%
+    flat = fit_algorithm_params(samples, shared)
+    worst = max(abs(algorithm_cost(s.op, s.algorithm, s.nbytes, 2, flat) / s.seconds - 1)
+                for s in samples)  # fmt: skip
+    assert worst > 0.25
+    # knots outside the samples' sizes are not fitted (nothing would pin them down)
+    small = [s for s in samples if s.nbytes <= 1 << 20]
+    partial_fit = fit_algorithm_params(small, shared, knots=CACHE_KNOTS)
+    assert [n for n, _ in partial_fit.byte_factors] == [64 << 10, 256 << 10, 1 << 20]
     with pytest.raises(ValueError, match="mix algorithms"):
         fit_algorithm_params([*samples, Sample("all_reduce", "one_shot", 8, 2, 1e-5)], shared)
 
@@ -211,9 +215,13 @@ def test_per_algorithm_params_override_the_transport_and_round_trip(tmp_path: Pa
     save_params(path, 2, params)
     assert json.loads(path.read_text())["version"] == TUNING_VERSION
     assert load_params(path, 2) == params
-    # a version-1 file (transport entries only, no version field) still loads
+    # a version-1 file (transport entries only, no version field) still loads, and version 2's
+    # one-knee cache terms are dropped
     path.write_text(json.dumps({"world_sizes": {"2": {"shm": asdict(shm)}}}))
     assert load_params(path, 2) == {"shm": shm}
+    v2 = {**asdict(slow), "size_slope": 0.1, "size_ref_bytes": 1 << 20, "size_floor": 0.5}
+    path.write_text(json.dumps({"version": 2, "world_sizes": {"2": {key: v2}}}))
+    assert load_params(path, 2) == {key: slow}
     path.write_text(json.dumps({"version": TUNING_VERSION + 1, "world_sizes": {}}))
     with pytest.raises(ValueError, match="version"):
         load_params(path, 2)
