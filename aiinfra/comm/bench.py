@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -183,12 +184,12 @@ def time_interleaved(
     """Seconds per call of each fn: blocks of >= `iters` calls (and >= MIN_BLOCK_S), impls taking
     turns `repeats` times so that they see the same load on a shared machine; median block per rank,
     mean over ranks.
-    Round k starts at impl k (a rotation), so every impl takes every place: with one fixed order
-    the same algorithm measured up to ~15% apart depending on its place in the round (say, right
-    after gloo's collective, whose threads may still hold a core). Reversing every other round, as
-    this did before, ran the first and the last impl twice in a row at each round boundary: with 4
-    impls at 64 MiB, whichever came last ran 15-20% faster (its buffers still in cache), whatever it
-    was. With 3 or more impls a rotation never repeats one; with 2 it is the reversal."""
+    The order changes every round, because what ran just before a block shapes it: right after
+    gloo's collective (whose threads may still hold a core) a 4 KiB shm call took 71 us instead of
+    7, and an impl that follows itself finds its buffers in cache (64 MiB: 15-20% faster). With
+    one fixed order, or reversing every other round, or rotating it, an impl keeps the same
+    neighbours: rotation put `auto` right after `torch` in every round. So with 3 or more impls
+    each round is a fresh permutation (seeded, the same on every rank); with 2 they alternate."""
     warm_s = []
     for fn in fns:
         start = time.perf_counter()
@@ -204,8 +205,11 @@ def time_interleaved(
     blocks: list[list[float]] = [[] for _ in fns]
     turns = list(zip(fns, blocks, counts.tolist(), strict=True))
     for k in range(repeats):
-        shift = k % len(turns)
-        for fn, times, n in turns[shift:] + turns[:shift]:
+        if len(turns) > 2:
+            random.Random(k).shuffle(turns)
+        elif k:
+            turns.reverse()
+        for fn, times, n in turns:
             dist.barrier()
             start = time.perf_counter()
             for _ in range(n):
