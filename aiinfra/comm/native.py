@@ -54,8 +54,9 @@ def library() -> ctypes.CDLL | None:
                     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
                     os.replace(tmp, path)
         lib = ctypes.CDLL(str(path))
-        for name in ("ai_wait_packed", "ai_one_shot_packed", "ai_one_shot_finish_packed"):
-            getattr(lib, name).restype = ctypes.c_int64
+        packed = ("signal", "wait", "one_shot", "one_shot_finish")
+        for name in packed:
+            getattr(lib, f"ai_{name}_packed").restype = ctypes.c_int64
         for name in ("ai_supports", "ai_max_bytes"):
             getattr(lib, name).restype = ctypes.c_int64
         lib.ai_supports.argtypes = [ctypes.c_int64, ctypes.c_int64]
@@ -88,6 +89,7 @@ class FastPath:
         words += [*ctrl_addrs, *staging_addrs[0], *staging_addrs[1]]
         self._ctx = (ctypes.c_int64 * (_ARGS + len(words)))(*([0] * _ARGS + words))
         self._ptr = ctypes.c_void_p(ctypes.addressof(self._ctx))
+        self._signal = lib.ai_signal_packed
         self._wait = lib.ai_wait_packed
         self._one_shot = lib.ai_one_shot_packed
         self._finish = lib.ai_one_shot_finish_packed
@@ -95,6 +97,12 @@ class FastPath:
         self.max_bytes = {
             (d, o): lib.ai_max_bytes(d) for d in range(6) for o in range(4) if lib.ai_supports(d, o)
         }
+
+    def signal(self, tick: int) -> None:
+        """Publish this rank's tick and wake a peer that sleeps on it (a full fence between the
+        two, so no wake-up is lost)."""
+        struct.pack_into("q", self._ctx, 8 * 10, tick)
+        self._signal(self._ptr)
 
     def wait(self, tick: int) -> bool:
         """True once every rank's tick reached `tick`; False after the budget (not yet)."""

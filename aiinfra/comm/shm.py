@@ -330,6 +330,9 @@ class SharedMemoryTransport(Transport):
         return self._tick
 
     def signal(self, tick: int) -> None:
+        if self.fast is not None:
+            self.fast.signal(tick)
+            return
         self.ctrls[self.rank][_TICK] = tick
         me = self.rank + 1
         if any(c[_WAIT_RANK] == me and c[_WAIT_TICK] <= tick for c in self.ctrls):
@@ -378,9 +381,8 @@ class SharedMemoryTransport(Transport):
     ) -> list[list[int]] | None:
         """All ranks arrive; with `desc`, also check that all ranks called `op` with the same
         arguments, and return every rank's `publish` words (up to 3, e.g. addresses)."""
-        slot = _DESC + 8 * (self._calls & 1)
         if desc is not None:
-            self._calls += 1
+            slot = self._next_desc_slot()
             own = self.ctrls[self.rank]
             own[slot : slot + _DESC_LEN] = desc
             if publish:
@@ -407,8 +409,7 @@ class SharedMemoryTransport(Transport):
         if x.numel() * x.element_size() > fast.max_bytes.get((dtype, reduce_op), -1):
             return False
         h = self.next_half()
-        slot = _DESC + 8 * (self._calls & 1)
-        self._calls += 1
+        slot = self._next_desc_slot()
         tick = self.next_tick()
         args = (x.data_ptr(), out.data_ptr(), x.numel(), dtype, reduce_op, tick, h, slot)
         rc = fast.one_shot(*args, self._half_free[h])
@@ -424,6 +425,12 @@ class SharedMemoryTransport(Transport):
         assert rc == 0, f"shm_fast.c ai_one_shot returned {rc}"
         self.free_half_at_next_tick(h)
         return True
+
+    def _next_desc_slot(self) -> int:
+        """Consecutive described calls alternate between the two descriptor slots: a peer may
+        still read this call's words while we write the next call's."""
+        self._calls += 1
+        return _DESC + 8 * (self._calls & 1)
 
     def check_args(self, op: str, desc: Sequence[int]) -> None:
         self.barrier(desc, op)

@@ -279,6 +279,11 @@ int64_t ai_one_shot(const ctx_t *c, const void *x, void *dst, int64_t numel, int
 // args[10..11]: a wait inside a one-shot call (finish re-reads the one-shot arguments) keeps them
 int64_t ai_wait_packed(const ctx_t *c) { return ai_wait(c, c->args[10], c->args[11]); }
 
+int64_t ai_signal_packed(const ctx_t *c) {
+    ai_signal(c, c->args[10]);
+    return 0;
+}
+
 int64_t ai_one_shot_packed(const ctx_t *c) {
     const int64_t *a = c->args;
     return ai_one_shot(c, (const void *)a[0], (void *)a[1], a[2], a[3], a[4], a[5], a[6], a[7],
