@@ -287,7 +287,7 @@ def traffic_bytes(op: str, algorithm: str, nbytes: int, p: int, registered: bool
             return n + n / p + gather  # reduce: read p slices of n/p, write one
         return 2 * (p - 1) / p * n + n + n / p + gather + 2 * n / p  # + copy in, + own slice out
     if algorithm == "cma_two_shot@shm" and not registered:
-        # per peer: its slice into scratch (read + write n/p), reduce (read 2, write 1 slice); then
+        # per peer: its slice into staging (read + write n/p), reduce (read 2, write 1 slice); then
         # the reduced slice straight into the peer's out (read + write n/p)
         return (p - 1) * (2 + 3 + 2) * n / p
     if algorithm == "one_shot@shm":

@@ -38,7 +38,7 @@ from aiinfra.comm.transport import (
     raise_on_mismatch,
     spin_seconds,
 )
-from aiinfra.comm.tuner import CMA_CHUNK_BYTES, SHM_CHUNK_BYTES
+from aiinfra.comm.tuner import SHM_CHUNK_BYTES
 
 SHM_DIR = "/dev/shm"
 PREFIX = "aiinfra-comm-"
@@ -129,7 +129,6 @@ class ShmConfig:
     chunk_bytes: int = SHM_CHUNK_BYTES  # direct collectives stream through two halves of this size
     slot_bytes: int = 1 << 20  # point-to-point mailbox per (sender, receiver) pair
     cma: bool = True  # read peers' private tensors with process_vm_readv where the kernel allows
-    cma_chunk_bytes: int = CMA_CHUNK_BYTES  # largest piece read per process_vm_readv call
     # after spinning, a waiter calls sched_yield() this long before it sleeps in a futex: it stays
     # runnable, so a peer sharing its core hands over in a syscall instead of a wake-up (measured,
     # 8 B all_reduce at world 4 on 2 cores, C path: 34-60 us per call with 0.1-1 ms, 85-91 us
@@ -140,7 +139,7 @@ class ShmConfig:
     native: bool = True
 
     def __post_init__(self) -> None:
-        for field in ("chunk_bytes", "slot_bytes", "cma_chunk_bytes"):
+        for field in ("chunk_bytes", "slot_bytes"):
             value = getattr(self, field)
             if value < 4096 or value % 64:
                 raise ValueError(f"{field} ({value}) must be >= 4096 and a multiple of 64")
@@ -262,7 +261,6 @@ class SharedMemoryTransport(Transport):
         self._recvs: list[deque[_ShmWork]] = [deque() for _ in range(p)]
         self._registered: list[tuple[int, int, list[_Segment]]] = []
         self.cma = config.cma and self._probe_cma()
-        self._scratch = torch.empty(0, dtype=torch.uint8)
         self.fast = self._load_fast_path() if config.native else None
 
     def _load_fast_path(self) -> FastPath | None:
@@ -294,16 +292,6 @@ class SharedMemoryTransport(Transport):
         oks: list[bool | None] = [None] * self.world_size
         dist.all_gather_object(oks, ok, group=self.pg)
         return all(oks)
-
-    def scratch(self, nbytes: int) -> torch.Tensor:
-        """A private uint8 buffer of at least `nbytes`, kept for the next call."""
-        if self._scratch.numel() < nbytes:
-            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
-        return self._scratch[:nbytes]
-
-    def peer_read(self, dst: torch.Tensor, rank: int, remote_addr: int) -> None:
-        """Fill contiguous `dst` from address `remote_addr` in rank `rank`'s process (CMA)."""
-        self._peer_copy(cma_read, "read", dst, rank, remote_addr)
 
     def peer_write(self, src: torch.Tensor, rank: int, remote_addr: int) -> None:
         """Copy contiguous `src` to address `remote_addr` in rank `rank`'s process (CMA)."""

@@ -48,19 +48,15 @@ TRANSPORTS = ("shm", "shm_p2p", "torch", NATIVE)
 # other jobs each barrier can cost a scheduling delay (measured there: 16 MiB chunks ran a 64 MiB
 # all_reduce about twice as fast as 1 MiB chunks); staging costs 2 chunks of memory per rank
 SHM_CHUNK_BYTES = 8 << 20
-# cma_two_shot reads peers' slices into a private scratch buffer at most this large per
-# process_vm_readv call (measured at 64 MiB, world 2: whole slices and 16 MiB pieces ran the same,
-# 1 MiB pieces ~20% slower)
-CMA_CHUNK_BYTES = 16 << 20
 # a call's kernel set-up as the bytes a copy moves meanwhile (a beta term, so the model needs no
 # fourth parameter, and not an alpha one: alpha also prices scheduling delays at barriers): 1 MiB
 # pieces added ~3.5 ms over 63 more calls, ~55 us a call, ~0.5 MB at the default shm beta
 CMA_CALL_BYTES = 512 << 10
-# a process_vm_readv/writev byte costs more CPU than a memcpy byte (the kernel pins each 4 KiB page
-# of the peer before copying it). CPU per rank at 64 MiB measured 0.89x two_shot's at world 2 and
-# 0.94x at world 4 (a factor 1.25 and 1.05 on the copied bytes with the default gamma/beta); since
-# the reduced slice is pushed from this core's cache, cma_two_shot ran 1-8% faster than staging
-# two_shot at world 4 (5 runs, 16:00-16:20 UTC), which the model sees from a factor below ~1.1
+# a process_vm_writev byte costs more CPU than a memcpy byte (the kernel pins each 4 KiB page of the
+# peer before copying it: 7.0 against 3.0 ms per 32 MiB on one core here), but cma_two_shot pushes
+# its reduced slice from this core's cache while the peers work, and it skips the gather copies out
+# of staging (at 64 MiB 15-25% faster than staging two_shot at world 2, ~10% at world 4), which
+# the model sees from a factor near 1 (calibrate() fits each algorithm's own scale)
 CMA_BETA_FACTOR = 1.05
 # 8 B .. 64 MiB every factor of 2: the per-byte cost of the shm algorithms does not fall smoothly
 # with size (the buffers leave the 2 MiB L2s between 2 and 8 MiB), so the fit needs every octave
@@ -159,12 +155,11 @@ def cost_terms(
         ("all_reduce", "one_shot"): (c, n, (p - 1) * n),
         # two-shot is software-pipelined: one barrier per chunk plus one to drain
         ("all_reduce", "two_shot"): (c + 1, 2 * f * n + n / p, f * n),
-        # two barriers, (p-1) reads of peers' x slices per piece and (p-1) writes of the reduced
-        # slice; no staging copy: each byte of a peer slice is copied once (into scratch or out)
+        # a barrier per chunk plus a closing one; copy in the peers' slices (memcpy), then push
+        # the reduced slice into the p-1 peers' outputs (one process_vm_writev each per chunk)
         ("all_reduce", "cma_two_shot"): (
-            2,
-            (2 * f * n + CMA_CALL_BYTES * (p - 1) * (math.ceil(n / p / CMA_CHUNK_BYTES) + 1))
-            * CMA_BETA_FACTOR,
+            c + 1,
+            f * n + (f * n + CMA_CALL_BYTES * (p - 1) * c) * CMA_BETA_FACTOR,
             f * n,
         ),
         # registered buffers only (other tensors run as two_shot): two barriers, reduce slice r of

@@ -31,8 +31,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64
 # chunks
 # and three mailbox slots, so chunking and slot reuse run too)
 COUNTS = (1, 5, 3001)
-# cma_chunk_bytes 4096: cma_two_shot reads 3001 fp32 elements' slices in several pieces
-SMALL = ShmConfig(chunk_bytes=4096, slot_bytes=4096, cma_chunk_bytes=4096)
+SMALL = ShmConfig(chunk_bytes=4096, slot_bytes=4096)
 
 
 def make_group(timeout_s: float = 30.0, **kw: object) -> CommGroup:

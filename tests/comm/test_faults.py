@@ -116,7 +116,7 @@ def test_stale_segments_of_dead_processes_are_removed() -> None:
 
 
 def test_shm_config_validation_names_the_field() -> None:
-    with pytest.raises(ValueError, match=r"cma_chunk_bytes \(100\)"):
-        ShmConfig(cma_chunk_bytes=100)
+    with pytest.raises(ValueError, match=r"chunk_bytes \(100\)"):
+        ShmConfig(chunk_bytes=100)
     with pytest.raises(ValueError, match=r"yield_s \(-1"):
         ShmConfig(yield_s=-1.0)
