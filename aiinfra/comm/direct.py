@@ -110,12 +110,7 @@ def two_shot_all_reduce(
         current = None
         if i < len(chunks):
             _, a, b = chunks[i]
-            h = sm.next_half()
-            sm.acquire_half(h)
-            sb = chunk_bounds(b - a, p)
-            own = _stage(sm, h, b - a, x.dtype)[r]
-            own[: sb[r]].copy_(x[a : a + sb[r]])  # only the slices peers reduce
-            own[sb[r + 1] :].copy_(x[a + sb[r + 1] : b])
+            h, sb = _stage_peer_slices(sm, x, a, b)
             current = (h, a, b, sb)
         sm.barrier(desc if i == 0 else None, "all_reduce")
         if pending is not None:
@@ -150,12 +145,7 @@ def cma_two_shot_all_reduce(
     desc = describe("all_reduce", x, op)
     addrs: list[list[int]] = []
     for i, a, b in _chunks(sm, x.numel(), es):
-        h = sm.next_half()
-        sm.acquire_half(h)
-        sb = chunk_bounds(b - a, p)
-        own = _stage(sm, h, b - a, x.dtype)[r]
-        own[: sb[r]].copy_(x[a : a + sb[r]])  # only the slices peers reduce
-        own[sb[r + 1] :].copy_(x[a + sb[r + 1] : b])
+        h, sb = _stage_peer_slices(sm, x, a, b)
         if i == 0:  # the output's address travels with the argument check
             addrs = sm.barrier(desc, "all_reduce", (out.data_ptr(),)) or []
         else:
@@ -174,6 +164,22 @@ def cma_two_shot_all_reduce(
             if q != r:  # the source was just written by this core: the copy reads it from cache
                 sm.peer_write(mine, q, addrs[q][0] + (a + lo) * es)
     sm.barrier()  # every slice has arrived everywhere
+
+
+def _stage_peer_slices(
+    sm: SharedMemoryTransport, x: torch.Tensor, a: int, b: int
+) -> tuple[int, list[int]]:
+    """The reduce-scatter's copy in for chunk [a, b) of x: the next staging half, once the
+    peers are done with it, gets the slices the peers reduce (not our own). Returns the half and
+    the slice bounds."""
+    p, r = sm.world_size, sm.rank
+    h = sm.next_half()
+    sm.acquire_half(h)
+    sb = chunk_bounds(b - a, p)
+    own = _stage(sm, h, b - a, x.dtype)[r]
+    own[: sb[r]].copy_(x[a : a + sb[r]])
+    own[sb[r + 1] :].copy_(x[a + sb[r + 1] : b])
+    return h, sb
 
 
 def _gather_slices(
