@@ -374,7 +374,10 @@ def bench_comm(
         bool, typer.Option(help="Our impls use buffers comm allocated in shared memory.")
     ] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    warmup: Annotated[int, typer.Option(help="Untimed calls per size.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per size, up front.")] = 3,
+    block_warmup: Annotated[
+        int, typer.Option(help="Untimed calls before every timed block (steady state).")
+    ] = 1,
     iters: Annotated[int, typer.Option(help="Calls per timed block (fewer above 8 MiB).")] = 20,
     repeats: Annotated[
         int, typer.Option(help="Timed blocks per impl, impls taking turns; median reported.")
@@ -406,6 +409,7 @@ def bench_comm(
             registered=registered,
             dtype=dtype,
             warmup=warmup,
+            block_warmup=block_warmup,
             iters=iters,
             repeats=repeats,
             calibrate=calibrate,

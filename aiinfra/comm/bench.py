@@ -50,6 +50,10 @@ class BenchConfig:
     registered: bool = False  # non-torch impls run on buffers comm allocated in shared memory
     dtype: str = "float32"
     warmup: int = 3
+    # untimed calls right before every timed block: a block then times the impl in its own steady
+    # state, as nccl-tests' back-to-back loop does, not in the cache state the impl before it left
+    # (see time_interleaved)
+    block_warmup: int = 1
     iters: int = 20  # calls per timed block; fewer above 8 MiB (128 MiB of payload per block)
     repeats: int = 5  # timed blocks per impl, taking turns; the median block is reported
     timeout_s: float = 600.0
@@ -68,10 +72,10 @@ class BenchConfig:
             raise ValueError(f"dtype ({self.dtype!r}) must be one of {list(_DTYPES)}")
         if not self.impls:
             raise ValueError("impls is empty")
-        if self.warmup < 0 or self.iters < 1 or self.repeats < 1:
+        if self.warmup < 0 or self.block_warmup < 0 or self.iters < 1 or self.repeats < 1:
             raise ValueError(
-                f"warmup ({self.warmup}) must be >= 0, iters ({self.iters}) and repeats"
-                f" ({self.repeats}) >= 1"
+                f"warmup ({self.warmup}) and block_warmup ({self.block_warmup}) must be >= 0,"
+                f" iters ({self.iters}) and repeats ({self.repeats}) >= 1"
             )
 
 
@@ -151,7 +155,11 @@ def _worker(rank: int, world_size: int, config: BenchConfig, out_path: str) -> N
             use_reg = registered.get(impl)
             made[impl] = (*_make_op(group, config.op, impl, nbytes, dtype, use_reg), use_reg)
         seconds = time_interleaved(
-            [fn for fn, _, _ in made.values()], config.warmup, iters, config.repeats
+            [fn for fn, _, _ in made.values()],
+            config.warmup,
+            iters,
+            config.repeats,
+            block_warmup=config.block_warmup,
         )
         for impl, t in zip(config.impls, seconds, strict=True):
             _, algorithm, use_reg = made[impl]
@@ -179,7 +187,12 @@ MAX_BLOCK_CALLS = 1000
 
 
 def time_interleaved(
-    fns: Sequence[Callable[[], object]], warmup: int, iters: int, repeats: int
+    fns: Sequence[Callable[[], object]],
+    warmup: int,
+    iters: int,
+    repeats: int,
+    *,
+    block_warmup: int = 1,
 ) -> list[float]:
     """Seconds per call of each fn: blocks of >= `iters` calls (and >= MIN_BLOCK_S), impls taking
     turns `repeats` times so that they see the same load on a shared machine; median block per rank,
@@ -189,7 +202,11 @@ def time_interleaved(
     7, and an impl that follows itself finds its buffers in cache (64 MiB: 15-20% faster). With
     one fixed order, or reversing every other round, or rotating it, an impl keeps the same
     neighbours: rotation put `auto` right after `torch` in every round. So with 3 or more impls
-    each round is a fresh permutation (seeded, the same on every rank); with 2 they alternate."""
+    each round is a fresh permutation (seeded, the same on every rank); with 2 they alternate.
+    What the impl before leaves in the caches still shapes a block's first calls, for several
+    calls: after two of gloo's 64 MiB all_reduces, five of cma_two_shot took 18.5, 14.6, 12.8, 12.3
+    and 12.4 ms against 12.4-13.4 after its own (world 2; L3 refills over several passes), and a
+    64 MiB block is only 2 calls. So `block_warmup` untimed calls precede every timed block."""
     warm_s = []
     for fn in fns:
         start = time.perf_counter()
@@ -210,6 +227,8 @@ def time_interleaved(
         elif k:
             turns.reverse()
         for fn, times, n in turns:
+            for _ in range(block_warmup):
+                fn()
             dist.barrier()
             start = time.perf_counter()
             for _ in range(n):
