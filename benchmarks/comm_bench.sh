@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The comm figures of docs/benchmarks.md: every row is measured against torch.distributed (gloo) in the
-# same run, impls taking turns (5 blocks each, median block, every other round in reverse order), so
-# the ratios survive a shared machine. Registered runs give every impl its own shared-memory buffer.
+# same run, impls taking turns (5 blocks each, median block, a fresh order every round, an untimed
+# call before every block), so the ratios survive a shared machine. Registered runs give every impl its own shared-memory buffer.
 set -euo pipefail
 out=${1:-benchmarks}
 uptime
