@@ -48,6 +48,31 @@ def test_config_validation_names_the_field() -> None:
         BenchConfig(op="all_sum")
     with pytest.raises(ValueError, match=r"repeats \(0\)"):
         BenchConfig(repeats=0)
+    with pytest.raises(ValueError, match=r"block_warmup \(-1\)"):
+        BenchConfig(block_warmup=-1)
+
+
+def _count_block_calls(rank: int, world_size: int, out: str) -> None:
+    from aiinfra.comm.bench import MAX_BLOCK_CALLS, time_interleaved
+
+    calls = [0, 0]
+
+    def fn(i: int) -> None:
+        calls[i] += 1
+
+    time_interleaved([lambda: fn(0), lambda: fn(1)], 2, 5, 3, block_warmup=4)
+    Path(out).write_text(json.dumps({"calls": calls, "max": MAX_BLOCK_CALLS}))
+
+
+@pytest.mark.distributed
+def test_every_timed_block_follows_its_untimed_calls(tmp_path: Path) -> None:
+    from aiinfra.comm.spawn import spawn_local
+
+    out = tmp_path / "calls.json"
+    spawn_local(_count_block_calls, 1, (str(out),), timeout_s=60)
+    got = json.loads(out.read_text())
+    # a no-op runs MAX_BLOCK_CALLS a block (>= MIN_BLOCK_S); 2 up front, 4 before each of 3 blocks
+    assert got["calls"] == [2 + 3 * (4 + got["max"])] * 2
 
 
 @pytest.mark.distributed
