@@ -60,8 +60,10 @@ def _count_block_calls(rank: int, world_size: int, out: str) -> None:
     def fn(i: int) -> None:
         calls[i] += 1
 
-    time_interleaved([lambda: fn(0), lambda: fn(1)], 2, 5, 3, block_warmup=4)
-    Path(out).write_text(json.dumps({"calls": calls, "max": MAX_BLOCK_CALLS}))
+    # iters above the cap: every block is exactly `iters` calls, whatever the first call cost
+    iters = MAX_BLOCK_CALLS + 1
+    time_interleaved([lambda: fn(0), lambda: fn(1)], 2, iters, 3, block_warmup=4)
+    Path(out).write_text(json.dumps({"calls": calls, "iters": iters}))
 
 
 @pytest.mark.distributed
@@ -71,8 +73,8 @@ def test_every_timed_block_follows_its_untimed_calls(tmp_path: Path) -> None:
     out = tmp_path / "calls.json"
     spawn_local(_count_block_calls, 1, (str(out),), timeout_s=60)
     got = json.loads(out.read_text())
-    # a no-op runs MAX_BLOCK_CALLS a block (>= MIN_BLOCK_S); 2 up front, 4 before each of 3 blocks
-    assert got["calls"] == [2 + 3 * (4 + got["max"])] * 2
+    # 2 up front, then 4 untimed calls before each of the 3 timed blocks
+    assert got["calls"] == [2 + 3 * (4 + got["iters"])] * 2
 
 
 @pytest.mark.distributed
